@@ -1,0 +1,1 @@
+"""The `ptyinr` command line: one module per command group, wired together in `cli.main`."""

@@ -1,0 +1,211 @@
+"""Reconstruction configuration: one validated, typed tree with the paper's defaults.
+
+A configuration is built from the embedded defaults, then a TOML file (`--config`), then
+`section.key=value` overrides (`--set`), in that order. Unknown keys and out-of-range values
+are refused with a message that names the key, the value and what was expected; the resolved
+tree is stored with every result so a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """How object and probe are represented (the paper's Methods; ablations of Fig. S16)."""
+
+    object: Literal["siren", "hashgrid", "pixels"] = "siren"
+    probe: Literal["hashgrid", "pixels"] = "hashgrid"
+    first_omega: float = Field(30.0, gt=0, description="SIREN first-layer omega_0 (30; 90 dense)")
+    hidden_omega: float = Field(30.0, gt=0, description="SIREN omega of the hidden layers")
+    siren_hidden_layers: int = Field(3, ge=1, le=16)
+    siren_width: int = Field(512, ge=4, le=4096)
+    hash_levels: int = Field(16, ge=1, le=32)
+    hash_features: int = Field(2, ge=1, le=8)
+    hash_log2_table_size: int = Field(15, ge=8, le=24)
+    hash_base_resolution: int = Field(16, ge=2)
+    hash_per_level_scale: float = Field(1.5, gt=1.0, le=4.0)
+    mlp_hidden_layers: int = Field(2, ge=1, le=8)
+    mlp_width: int = Field(64, ge=4, le=1024)
+    use_tinycudann: bool = Field(False, description="use tiny-cuda-nn when importable on CUDA")
+
+
+class TrainConfig(_Section):
+    """Optimisation: loss of equation (2), Adam, batches, reproducibility, checkpoints."""
+
+    epochs: int = Field(300, ge=1, description="passes over all scan positions")
+    batch_size: int = Field(0, ge=0, description="positions per step; 0 = full batch")
+    lr_object: float = Field(1e-4, gt=0, le=1.0)
+    lr_probe: float = Field(1e-4, gt=0, le=1.0)
+    loss_beta: float = Field(1e-2, gt=0, description="SmoothL1 threshold on sqrt intensities")
+    probe_reg_lambda: float = Field(1e-2, ge=0, description="weight of mean probe amplitude")
+    probe_reg_steps: int = Field(100, ge=0, description="steps k during which it applies")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    positions: Literal["subpixel", "round"] = Field(
+        "subpixel", description="subpixel: honour fractional positions; round: whole pixels"
+    )
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    log_every: int = Field(1, ge=1, description="epochs between loss records")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
+
+
+class DataConfig(_Section):
+    """Which array of the scan store feeds the reconstruction."""
+
+    source: Literal["intensities", "preprocessed", "auto"] = Field(
+        "auto", description="auto: 'preprocessed' when the store has it, else 'intensities'"
+    )
+    object_padding_px: int = Field(0, ge=0, description="extra object pixels around the scan")
+
+
+class ReconstructionConfig(_Section):
+    """The whole resolved configuration of one reconstruction."""
+
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, reporting errors
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in first["loc"][:-1])
+        known = _known_keys(section)
+        return (
+            f"{origin}: unknown config key '{key}'"
+            + (f"; known keys in [{section}]: {', '.join(known)}" if known else "")
+        )
+    return f"{origin}: config key '{key}' = {value!r}: {first['msg']}"
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = ReconstructionConfig
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation  # type: ignore[assignment]
+    return sorted(model.model_fields)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'section.key=value' and parse value as a TOML literal (bare words are strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=100")
+    dotted, raw = text.split("=", 1)
+    path = [p.strip() for p in dotted.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=100")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def preset_path(name: str) -> Path | None:
+    """The TOML preset shipped in `configs/` with this name (without .toml), if any."""
+    candidate = resources.files("configs").joinpath(f"{name}.toml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def list_presets() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("configs").iterdir()
+        if p.name.endswith(".toml")
+    )
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file, or a preset by name; errors name the file."""
+    p = Path(path)
+    if not p.exists():
+        preset = preset_path(str(path))
+        if preset is None:
+            raise ConfigError(
+                f"config {str(path)!r}: no such file and no preset of that name "
+                f"(presets: {', '.join(list_presets())})"
+            )
+        p = preset
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {str(p)!r}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config {str(p)!r}: cannot be read: {exc}") from exc
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> ReconstructionConfig:
+    """Defaults <- base dict <- TOML file <- `section.key=value` overrides, validated."""
+    tree: dict[str, Any] = dict(base or {})
+    origin = "defaults"
+    if config_file is not None:
+        file_tree = read_toml(config_file)
+        file_tree.pop("simulate", None)  # presets may carry the simulation that goes with them
+        tree = _deep_merge(tree, file_tree)
+        origin = f"config {str(config_file)!r}"
+    try:
+        ReconstructionConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+    for text in overrides:
+        path, value = parse_override(text)
+        tree = _deep_merge(tree, _nest(path, value))
+        try:
+            ReconstructionConfig.model_validate(tree)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, f"--set {text!r}")) from None
+    return ReconstructionConfig.model_validate(tree)
+
+
+def simulate_section(config_file: str | Path | None) -> dict[str, Any]:
+    """The `[simulate]` table of a preset, which describes the data the preset was made for."""
+    if config_file is None:
+        return {}
+    return dict(read_toml(config_file).get("simulate", {}))
