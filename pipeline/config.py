@@ -39,6 +39,11 @@ class ModelConfig(_Section):
     hash_per_level_scale: float = Field(1.5, gt=1.0, le=4.0)
     mlp_hidden_layers: int = Field(2, ge=1, le=8)
     mlp_width: int = Field(64, ge=4, le=1024)
+    probe_init: Literal["data", "random"] = Field(
+        "data",
+        description="data: start the probe from the mean diffraction pattern; random: as the paper",
+    )
+    probe_init_steps: int = Field(300, ge=0, description="warm-start steps of a network probe")
     use_tinycudann: bool = Field(False, description="use tiny-cuda-nn when importable on CUDA")
 
 
@@ -93,9 +98,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     if first["type"] == "extra_forbidden":
         section = ".".join(str(p) for p in first["loc"][:-1])
         known = _known_keys(section)
-        return (
-            f"{origin}: unknown config key '{key}'"
-            + (f"; known keys in [{section}]: {', '.join(known)}" if known else "")
+        return f"{origin}: unknown config key '{key}'" + (
+            f"; known keys in [{section}]: {', '.join(known)}" if known else ""
         )
     return f"{origin}: config key '{key}' = {value!r}: {first['msg']}"
 

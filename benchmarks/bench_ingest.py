@@ -1,0 +1,184 @@
+"""Ingest throughput and memory: HDF5 -> Zarr scan store, against a plain read of the file.
+
+For each file size (default 0.25 GB and 2.2 GB) the script writes an HDF5 file of Poisson
+diffraction frames (uint16, 256 x 256, contiguous), then, each in a fresh child process
+with the file dropped from the page cache first (posix_fadvise DONTNEED):
+
+- plain read: h5py reads the whole dataset in slabs of 128 frames, nothing else;
+- ingest: `pipeline.ingest.ingest_file` (sha256 of the source, streaming copy through
+  dask with checks, blosc-zstd/bitshuffle compression, sharded Zarr v3 write, rename);
+- sha256 only: the hash pass ingest does first (to separate it from the copy).
+
+It reports throughput (source bytes / wall time), the ingest/plain ratio, and each child's
+peak RSS (ru_maxrss): bounded memory means the ingest's peak is the same for both sizes.
+
+    python benchmarks/bench_ingest.py [--sizes-gb 0.25 2.2] [--workdir /tmp/bench_ingest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FRAME = 256
+SLAB = 128
+
+
+def make_file(path: Path, n_frames: int, seed: int = 0) -> None:
+    """Poisson frames of an Airy-like pattern: mostly low counts, a bright centre."""
+    import h5py
+
+    yy, xx = np.mgrid[:FRAME, :FRAME] - FRAME // 2
+    r = np.hypot(yy, xx) + 1e-3
+    pattern = 2000.0 * (np.sinc(r / 6.0) ** 2) + 0.05
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("/entry/data/data", shape=(n_frames, FRAME, FRAME), dtype=np.uint16)
+        for start in range(0, n_frames, SLAB):
+            stop = min(start + SLAB, n_frames)
+            d[start:stop] = rng.poisson(pattern, size=(stop - start, FRAME, FRAME))
+        side = int(np.ceil(np.sqrt(n_frames)))
+        iy, ix = np.divmod(np.arange(n_frames), side)
+        f["/entry/positions"] = np.stack([iy, ix], axis=1) * 1e-7
+        f["/entry/wavelength_m"] = 1.5e-10
+        f["/entry/distance_m"] = 2.0
+        f["/entry/pixel_m"] = 75e-6
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def child(mode: str, src: str, out: str) -> dict:
+    """One measurement, in this (fresh) process (imports are not timed)."""
+    import h5py
+
+    from pipeline.ingest import ingest_file, sha256_file
+
+    t0 = time.perf_counter()
+    if mode == "plain":
+        total = 0
+        with h5py.File(src, "r") as f:
+            d = f["/entry/data/data"]
+            for start in range(0, d.shape[0], SLAB):
+                total += int(d[start : start + SLAB].nbytes)
+    elif mode == "sha256":
+        sha256_file(src)
+    elif mode == "ingest":
+        ingest_file(
+            src,
+            out,
+            keys={
+                "intensities": "/entry/data/data",
+                "positions": "/entry/positions",
+                "wavelength_m": "/entry/wavelength_m",
+                "detector_distance_m": "/entry/distance_m",
+                "detector_pixel_size_m": "/entry/pixel_m",
+            },
+            overwrite=True,
+        )
+    wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mode": mode, "wall_s": wall, "peak_rss_mib": peak_kib / 1024}
+
+
+def run_child(mode: str, src: Path, out: Path) -> dict:
+    drop_cache(src)
+    res = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(src), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 2.2])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ingest"))
+    ap.add_argument("--json", type=Path, default=None, help="write results here too")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    frame_bytes = FRAME * FRAME * 2
+    for gb in args.sizes_gb:
+        n = int(gb * 1e9 / frame_bytes)
+        src = args.workdir / f"scan_{n}.h5"
+        out = args.workdir / f"scan_{n}.zarr"
+        t0 = time.perf_counter()
+        make_file(src, n)
+        size = src.stat().st_size
+        print(
+            f"wrote {src} ({size / 1e9:.2f} GB, {n} frames) in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        try:
+            plain = run_child("plain", src, out)
+            sha = run_child("sha256", src, out)
+            ing = run_child("ingest", src, out)
+            row = {
+                "file_gb": size / 1e9,
+                "frames": n,
+                "frame": [FRAME, FRAME],
+                "plain_read_gb_s": size / 1e9 / plain["wall_s"],
+                "sha256_gb_s": size / 1e9 / sha["wall_s"],
+                "ingest_gb_s": size / 1e9 / ing["wall_s"],
+                "ratio_ingest_to_plain": plain["wall_s"] / ing["wall_s"],
+                "plain_wall_s": plain["wall_s"],
+                "sha256_wall_s": sha["wall_s"],
+                "ingest_wall_s": ing["wall_s"],
+                "plain_peak_rss_mib": plain["peak_rss_mib"],
+                "ingest_peak_rss_mib": ing["peak_rss_mib"],
+                "store_gb": dir_bytes(out) / 1e9,
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        finally:
+            if not args.keep:
+                src.unlink(missing_ok=True)
+                shutil.rmtree(out, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print()
+    print(
+        "| file | frames | plain read | sha256 | ingest | ingest / plain | peak RSS plain | "
+        "peak RSS ingest | store size |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['file_gb']:.2f} GB | {r['frames']} x {FRAME}x{FRAME} u16 | "
+            f"{r['plain_read_gb_s']:.2f} GB/s | {r['sha256_gb_s']:.2f} GB/s | "
+            f"{r['ingest_gb_s']:.2f} GB/s ({r['ingest_wall_s']:.1f} s) | "
+            f"{r['ratio_ingest_to_plain']:.2f} | {r['plain_peak_rss_mib']:.0f} MiB | "
+            f"{r['ingest_peak_rss_mib']:.0f} MiB | {r['store_gb']:.2f} GB |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Ingest: a source file -> a checked, converted scan store; an archive -> stores + catalog.
+
+The copy streams: frames go from the file to the store one chunk (a shard of frames) per
+dask task, converted and checked on the way, so memory is bounded by a few chunks whatever
+the file size. The store appears under its name only when complete (see pipeline.store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import glob as _glob
+import hashlib
+import json
+import os
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+
+from pipeline import __version__
+from pipeline import store as scan_store
+from pipeline.errors import IngestError, InputError, StoreError
+from pipeline.ingest.catalog import read_catalog, write_catalog
+from pipeline.ingest.convert import (
+    Conversions,
+    convert_frames,
+    convert_mask,
+    convert_positions,
+    detect_dc,
+    squeeze_frames,
+)
+from pipeline.ingest.registry import detect_format, get_reader
+
+_HASH_BLOCK = 8 * 2**20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in blocks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(
+    fmt: str, keys: dict[str, str] | None, conversions: Conversions | None, options: dict | None
+) -> str:
+    """A short hash of the ingest settings: a store made with other settings is re-made."""
+    blob = json.dumps(
+        {
+            "format": fmt,
+            "keys": dict(sorted((keys or {}).items())),
+            "conversions": (conversions or Conversions()).as_dict(),
+            "options": options or {},
+            "schema": scan_store.SCHEMA_VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ingest_file(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "auto",
+    keys: dict[str, str] | None = None,
+    conversions: Conversions | None = None,
+    options: dict[str, Any] | None = None,
+    scan_id: str | None = None,
+    frames_per_shard: int | None = None,
+    overwrite: bool = False,
+    scheduler: str | None = "threads",
+    sha256: str | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Turn one source file into the scan store `out` and return its path.
+
+    `format` names a reader ("auto" sniffs); `keys` is the key map; `conversions` overrides
+    the reader's defaults (all recorded in attrs). Bad input raises `IngestError` (one line:
+    file, key, value, expectation) and leaves no store behind.
+    """
+    src_path = Path(src).expanduser().resolve()
+    out = Path(out)
+    where = str(src_path)
+    if not src_path.exists():
+        raise IngestError(f"{where}: does not exist; expected a scan file")
+    if not src_path.is_file():
+        raise IngestError(f"{where}: is not a file; expected a scan file")
+    if out.exists() and not overwrite:
+        raise IngestError(f"{out}: already exists; expected a new store path (or --overwrite)")
+    keys = dict(keys or {})
+    options = dict(options or {})
+    fmt = detect_format(src_path) if format == "auto" else format
+    reader = get_reader(fmt)
+    scan = reader.read(src_path, keys, options)
+
+    conv = (conversions or Conversions()).resolve(scan.defaults)
+    if scan.positions_named_axes and conv.positions_order != "yx":
+        conv = Conversions(**{**conv.as_dict(), "positions_order": "yx"})
+    frames_key = scan.keys.get("intensities", "intensities")
+    pos_key = scan.keys.get("positions", "positions")
+    frames, reshaped = squeeze_frames(scan.intensities, where, frames_key)
+    n = int(frames.shape[0])
+    if len(scan.positions) != n:
+        raise IngestError(
+            f"{where}: key {pos_key}: {len(scan.positions)} positions for {n} frames "
+            f"(key {frames_key}); expected equal counts"
+        )
+
+    has_geometry = all(v is not None for v in scan.geometry.values())
+    attrs_geometry = dict(scan.geometry)
+    if conv.positions_unit == "px" and not has_geometry:
+        attrs_geometry = dict.fromkeys(attrs_geometry)
+    try:
+        scan_store.check_geometry(
+            {**attrs_geometry, "positions_unit": "m" if has_geometry else "px"}, where
+        )
+    except StoreError as exc:
+        raise IngestError(str(exc)) from exc
+
+    dc = conv.dc
+    dc_detected = None
+    if dc == "auto":
+        dc = dc_detected = detect_dc(frames, bool(conv.amplitude))
+    positions, unit = convert_positions(scan.positions, conv, where, pos_key, has_geometry)
+    frame_shape = tuple(int(s) for s in frames.shape[1:])
+    mask = None
+    if scan.mask is not None:
+        m = np.asarray(scan.mask)
+        while m.ndim > 2 and m.shape[0] == 1:
+            m = m[0]
+        if m.shape != frame_shape:
+            raise IngestError(
+                f"{where}: key {scan.keys.get('mask', 'mask')}: mask shape {m.shape}; expected "
+                f"the frame shape {frame_shape}"
+            )
+        mask = convert_mask(m, conv, dc)
+    converted, _ = convert_frames(frames, conv, dc, where, frames_key)
+
+    recorded = conv.as_dict()
+    if dc_detected is not None:
+        recorded["dc_detected"] = dc_detected
+    if reshaped is not None:
+        recorded["frames_reshaped_from"] = reshaped
+    attrs: dict[str, Any] = {
+        **attrs_geometry,
+        "positions_unit": unit,
+        "scan_id": scan_id or src_path.stem,
+        "source": where,
+        "source_sha256": sha256,
+        "source_format": fmt,
+        "source_keys": scan.keys,
+        "source_dtype": str(frames.dtype),
+        "source_attrs": scan.source_attrs,
+        "conversions": recorded,
+        "ingest_fingerprint": fingerprint(format, keys, conversions, options),
+        "ingested_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "software": f"ptyinr {__version__}",
+        **(extra_attrs or {}),
+    }
+    if scan.positions_grid is not None:
+        attrs["positions_grid_shape"] = [len(scan.positions_grid[0]), len(scan.positions_grid[1])]
+    # Hash the source while the frames are copied (hashlib releases the GIL); the digest is
+    # added to the attrs before the store is renamed into place.
+    hasher = None if sha256 else ThreadPoolExecutor(max_workers=1)
+    digest = hasher.submit(sha256_file, src_path) if hasher else None
+    ctx = dask.config.set(scheduler=scheduler) if scheduler else contextlib.nullcontext()
+    try:
+        with ctx:
+            return scan_store.create_scan_store(
+                out,
+                converted,
+                positions,
+                attrs=attrs,
+                mask=mask,
+                frames_per_shard=frames_per_shard,
+                overwrite=overwrite,
+                final_attrs=(lambda: {"source_sha256": digest.result()}) if digest else None,
+            )
+    except StoreError as exc:
+        raise IngestError(f"{where}: {exc}") from exc
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+@dataclass
+class ArchiveReport:
+    """Outcome of an archive ingest: one row per source, and whether anything failed."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    catalog: Path | None = None
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def lines(self) -> list[str]:
+        """One line per file, for the terminal."""
+        out = []
+        for r in self.rows:
+            if r["status"] == "failed":
+                msg = str(r["error"])
+                out.append(
+                    f"FAILED  {msg if msg.startswith(r['source']) else r['source'] + ': ' + msg}"
+                )
+            elif r.get("action") == "skipped":
+                out.append(f"skipped {r['source']} (unchanged, {r['store']})")
+            else:
+                out.append(
+                    f"ok      {r['source']} -> {r['store']} ({r['frames']} frames of "
+                    f"{r['frame_y']}x{r['frame_x']})"
+                )
+        return out
+
+
+def _row_from_store(path: Path, base: dict[str, Any]) -> dict[str, Any]:
+    ds = scan_store.open_scan_store(path)
+    s = scan_store.store_summary(ds)
+    a = ds.attrs
+    return {
+        **base,
+        "scan_id": a.get("scan_id"),
+        "store": str(path),
+        "sha256": a.get("source_sha256"),
+        "format": a.get("source_format"),
+        "frames": s["frames"],
+        "frame_y": s["frame_shape"][0],
+        "frame_x": s["frame_shape"][1],
+        "dtype": s["dtype"],
+        "positions_unit": a.get("positions_unit"),
+        "wavelength_m": a.get("wavelength_m"),
+        "detector_distance_m": a.get("detector_distance_m"),
+        "detector_pixel_size_m": a.get("detector_pixel_size_m"),
+        "fingerprint": a.get("ingest_fingerprint"),
+        "ingested_at": a.get("ingested_at"),
+        "status": "ok",
+        "error": None,
+    }
+
+
+def ingest_one(src: str, store_path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Archive task for one file: skip if unchanged, else (re-)ingest; never raises."""
+    path = Path(store_path)
+    base = {
+        "source": src,
+        "store": store_path,
+        "scan_id": Path(src).stem,
+        "bytes": None,
+        "action": "ingested",
+    }
+    try:
+        base["bytes"] = float(os.path.getsize(src))
+        digest = sha256_file(src)
+        base["sha256"] = digest
+        fp = fingerprint(
+            settings["format"], settings["keys"], settings["conversions"], settings["options"]
+        )
+        if path.exists():
+            try:
+                ds = scan_store.open_scan_store(path)
+                if (
+                    ds.attrs.get("source_sha256") == digest
+                    and ds.attrs.get("ingest_fingerprint") == fp
+                ):
+                    return {**_row_from_store(path, base), "action": "skipped"}
+            except StoreError:
+                pass  # a broken store is replaced below
+        ingest_file(
+            src,
+            path,
+            format=settings["format"],
+            keys=settings["keys"],
+            conversions=settings["conversions"],
+            options=settings["options"],
+            frames_per_shard=settings["frames_per_shard"],
+            overwrite=True,
+            scheduler=settings["scheduler"],
+            sha256=digest,
+        )
+        return _row_from_store(path, base)
+    except InputError as exc:
+        return {**base, "status": "failed", "error": str(exc), "action": "failed"}
+    except Exception as exc:  # one broken file never stops the archive
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        return {
+            **base,
+            "status": "failed",
+            "error": f"{src}: {type(exc).__name__}: {exc} (at {Path(last.filename).name}:"
+            f"{last.lineno}); expected a readable scan file",
+            "action": "failed",
+        }
+
+
+def plan_store_names(sources: list[str], outdir: Path, previous: dict[str, dict]) -> dict:
+    """Store path per source: kept from the catalog, else `<stem>.zarr`, de-duplicated."""
+    taken = {Path(r["store"]).name for r in previous.values() if r.get("store")}
+    stems: dict[str, int] = {}
+    for s in sources:
+        stems[Path(s).stem] = stems.get(Path(s).stem, 0) + 1
+    plan = {}
+    for s in sources:
+        if s in previous and previous[s].get("store"):
+            plan[s] = str(outdir / Path(previous[s]["store"]).name)
+            continue
+        stem = Path(s).stem
+        name = f"{stem}.zarr"
+        if stems[stem] > 1 or name in taken:
+            name = f"{stem}-{hashlib.sha256(s.encode()).hexdigest()[:8]}.zarr"
+        taken.add(name)
+        plan[s] = str(outdir / name)
+    return plan
+
+
+def ingest_archive(
+    pattern: str | list[str],
+    outdir: str | os.PathLike,
+    *,
+    format: str = "auto",
+    keys: dict[str, str] | None = None,
+    conversions: Conversions | None = None,
+    options: dict[str, Any] | None = None,
+    frames_per_shard: int | None = None,
+    client: Any = None,
+    parallel: str = "threads",
+    n_workers: int | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> ArchiveReport:
+    """Ingest every file matching `pattern` (a glob, or a list of paths) into OUTDIR.
+
+    One store per file plus `OUTDIR/catalog.zarr`. Files run in parallel: on `client` (a
+    `distributed.Client`) when given, else `parallel` = "threads" | "processes" (a local
+    dask LocalCluster) | "sync". Unchanged files (same sha256 and settings) are skipped; a
+    changed file is re-ingested into a fresh store that replaces the old one only when
+    complete. A bad file gives a failed row and the rest carry on.
+    """
+    outdir = Path(outdir)
+    if isinstance(pattern, str):
+        sources = sorted(_glob.glob(os.path.expanduser(pattern), recursive=True))
+    else:
+        sources = [str(p) for p in pattern]
+    sources = [str(Path(s).resolve()) for s in sources if not Path(s).is_dir()]
+    if not sources:
+        raise IngestError(f"{pattern!r} matches no files; expected a glob of scan files")
+    outdir.mkdir(parents=True, exist_ok=True)
+    previous = {r["source"]: r for r in read_catalog(outdir)}
+    plan = plan_store_names(sources, outdir, previous)
+    settings = {
+        "format": format,
+        "keys": dict(keys or {}),
+        "conversions": conversions or Conversions(),
+        "options": dict(options or {}),
+        "frames_per_shard": frames_per_shard,
+        "scheduler": "threads",
+    }
+
+    rows: list[dict[str, Any]] = []
+
+    def collect(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+
+    own_client = None
+    if client is None and parallel == "processes":
+        from distributed import Client, LocalCluster
+
+        workers = n_workers or min(len(sources), os.cpu_count() or 1)
+        own_client = Client(
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        )
+        client = own_client
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            futures = [client.submit(ingest_one, s, plan[s], settings, pure=False) for s in sources]
+            for fut in as_completed(futures):
+                collect(fut.result())
+        elif parallel == "sync":
+            for s in sources:
+                collect(ingest_one(s, plan[s], settings))
+        elif parallel == "threads":
+            from concurrent.futures import as_completed as done
+
+            with ThreadPoolExecutor(max_workers=n_workers or min(len(sources), 4)) as pool:
+                futs = [pool.submit(ingest_one, s, plan[s], settings) for s in sources]
+                for fut in done(futs):
+                    collect(fut.result())
+        else:
+            raise IngestError(f"parallel={parallel!r}; expected threads, processes or sync")
+    finally:
+        if own_client is not None:
+            cluster = own_client.cluster
+            own_client.close()
+            cluster.close()
+
+    order = {s: i for i, s in enumerate(sources)}
+    rows.sort(key=lambda r: order[r["source"]])
+    merged = {**previous}
+    for r in rows:
+        old = previous.get(r["source"])
+        if (
+            r["status"] == "failed"
+            and old
+            and old.get("status") == "ok"
+            and Path(old["store"]).exists()
+        ):
+            r["error"] = f"{r['error']} (previous store kept: {old['store']})"
+        merged[r["source"]] = {k: v for k, v in r.items() if k != "action"}
+    report = ArchiveReport(rows=rows)
+    report.catalog = write_catalog(outdir, sorted(merged.values(), key=lambda r: r["source"]))
+    return report

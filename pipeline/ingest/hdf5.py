@@ -1,0 +1,315 @@
+"""Generic HDF5 reader driven by a key map (`--key intensities=/entry/data/data ...`).
+
+A key map value is one of:
+  `/path/to/dataset`     an array (frames, positions, mask) or a scalar dataset;
+  `/path/to/object@attr` an attribute (`@attr` alone: a root attribute);
+  `1.5e-10`              a literal number (for geometry a file does not carry).
+Frames may also be a group of per-frame datasets (stacked in natural name order; they
+must share one shape). Positions are `positions` ((n, 2) or (2, n)) or `positions_y` and
+`positions_x` (per frame, or two grid axes of a raster scan).
+
+Nothing is read eagerly except positions, mask and scalars: frames become a dask array whose
+chunks each open the file, read a slab of frames and close it (picklable, so a distributed
+worker can run them).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import h5py
+import numpy as np
+from dask.base import tokenize
+
+from pipeline.errors import IngestError
+from pipeline.ingest.convert import (
+    GEOMETRY_ALIASES,
+    Conversions,
+    as_position_columns,
+    geometry_from_values,
+    positions_from_grid,
+    single_value,
+)
+from pipeline.ingest.registry import SourceScan, register_reader
+
+FRAME_KEYS = ("intensities",)
+POSITION_KEYS = ("positions", "positions_y", "positions_x")
+KNOWN_KEYS = (*FRAME_KEYS, *POSITION_KEYS, "mask", *GEOMETRY_ALIASES)
+DEFAULT_CANDIDATES = {
+    "intensities": ("/entry/data/data", "/intensities", "/data", "/diffraction", "/frames"),
+    "positions": ("/entry/positions", "/positions", "/pos"),
+}
+_CHUNK_BYTES = 16 * 2**20
+
+
+class H5Frames:
+    """A lazily read HDF5 dataset: opens the file for each slab read (thread/process safe)."""
+
+    def __init__(self, path: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.key = path, key
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        try:
+            with h5py.File(self.path, "r") as f:
+                return np.asarray(f[self.key][index])
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise IngestError(
+                f"{self.path}: key {self.key}: cannot read frames {_describe(index)} ({exc}); "
+                "expected a complete, readable file"
+            ) from exc
+
+
+def _describe(index: Any) -> str:
+    first = index[0] if isinstance(index, tuple) and index else index
+    if isinstance(first, slice):
+        return f"{first.start}:{first.stop}"
+    return str(first)
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open read-only; a missing, non-HDF5 or truncated file is one `IngestError` line."""
+    if not path.exists():
+        raise IngestError(f"{path}: does not exist; expected an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise IngestError(
+            f"{path}: cannot be opened as HDF5 ({reason}); expected a complete HDF5 file "
+            "(truncated or not HDF5?)"
+        ) from exc
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _chunk_frames(shape: tuple[int, ...], itemsize: int) -> int:
+    per = max(1, int(np.prod(shape[-2:])) * itemsize)
+    return max(1, _CHUNK_BYTES // per)
+
+
+def resolve_spec(f: h5py.File, spec: str, src: str, name: str) -> Any:
+    """A key map value: a literal number, an attribute, or an HDF5 object."""
+    spec = str(spec).strip()
+    try:
+        return float(spec)
+    except ValueError:
+        pass
+    if "@" in spec:
+        obj_path, attr = spec.rsplit("@", 1)
+        obj_path = obj_path or "/"
+        if obj_path not in f:
+            raise IngestError(
+                f"{src}: key {name}={spec!r}: object {obj_path!r} not found; "
+                "expected an existing HDF5 path"
+            )
+        if attr not in f[obj_path].attrs:
+            raise IngestError(
+                f"{src}: key {name}={spec!r}: attribute {attr!r} not found on {obj_path!r}; "
+                f"expected one of {sorted(f[obj_path].attrs)}"
+            )
+        return np.asarray(f[obj_path].attrs[attr])
+    if spec not in f:
+        raise IngestError(f"{src}: key {name}={spec!r} not found; expected an existing HDF5 path")
+    return f[spec]
+
+
+def read_number(f: h5py.File, spec: str, src: str, name: str) -> float:
+    value = resolve_spec(f, spec, src, name)
+    if isinstance(value, h5py.Group):
+        raise IngestError(f"{src}: key {name}={spec!r} is a group; expected a number")
+    if isinstance(value, h5py.Dataset):
+        value = value[()]
+    return single_value(np.asarray(value), src, f"{name}={spec}")
+
+
+def read_array(f: h5py.File, spec: str, src: str, name: str) -> np.ndarray:
+    value = resolve_spec(f, spec, src, name)
+    if isinstance(value, h5py.Group):
+        raise IngestError(f"{src}: key {name}={spec!r} is a group; expected an array")
+    if isinstance(value, float):
+        raise IngestError(f"{src}: key {name}={spec!r} is a number; expected an array")
+    return np.asarray(value[()] if isinstance(value, h5py.Dataset) else value)
+
+
+def lazy_frames(f: h5py.File, spec: str, src: str, path: Path) -> da.Array:
+    """Frames as a dask array: a dataset (n, y, x) or a group of per-frame datasets."""
+    obj = resolve_spec(f, spec, src, "intensities")
+    if isinstance(obj, h5py.Dataset):
+        return _dataset_frames(obj, path, spec, src)
+    if isinstance(obj, h5py.Group):
+        names = sorted((k for k, v in obj.items() if isinstance(v, h5py.Dataset)), key=_natural_key)
+        if not names:
+            raise IngestError(
+                f"{src}: key intensities={spec!r} is a group without datasets; expected frames"
+            )
+        first = obj[names[0]]
+        parts = []
+        for name in names:
+            d = obj[name]
+            if d.shape[-2:] != first.shape[-2:] or d.dtype != first.dtype:
+                raise IngestError(
+                    f"{src}: key intensities={spec}/{name} has frame shape {d.shape[-2:]} "
+                    f"dtype {d.dtype}; expected {first.shape[-2:]} {first.dtype} like "
+                    f"{names[0]} (frames of inconsistent shape)"
+                )
+            part = _dataset_frames(d, path, f"{spec.rstrip('/')}/{name}", src)
+            parts.append(part if part.ndim == 3 else part[None])
+        return da.concatenate(parts, axis=0)
+    raise IngestError(f"{src}: key intensities={spec!r} is a number; expected frames")
+
+
+def _dataset_frames(d: h5py.Dataset, path: Path, key: str, src: str) -> da.Array:
+    if d.ndim < 2 or d.dtype.kind not in "iuf":
+        raise IngestError(
+            f"{src}: key intensities={key} has shape {d.shape} dtype {d.dtype}; expected "
+            "numeric frames (frames, det_y, det_x)"
+        )
+    lazy = H5Frames(str(path), d.name, d.shape, d.dtype)
+    if d.ndim == 2:
+        chunks: tuple[int, ...] = d.shape
+    else:
+        lead = [1] * (d.ndim - 3) + [min(d.shape[-3], _chunk_frames(d.shape, d.dtype.itemsize))]
+        chunks = (*lead, *d.shape[-2:])
+    token = "h5frames-" + tokenize(str(path), d.name, path.stat().st_mtime_ns)
+    return da.from_array(
+        lazy,
+        chunks=chunks,
+        name=token,
+        asarray=True,
+        lock=False,
+        meta=np.empty((0,) * d.ndim, d.dtype),
+    )
+
+
+def read_positions(
+    f: h5py.File, keys: dict[str, str], n_frames: int, src: str
+) -> tuple[np.ndarray, str, tuple[np.ndarray, np.ndarray] | None]:
+    """Positions (n, k) in file units and file column order, the key used, any grid axes."""
+    if "positions" in keys:
+        raw = read_array(f, keys["positions"], src, "positions")
+        return as_position_columns(raw, n_frames, src, keys["positions"]), keys["positions"], None
+    if "positions_y" in keys or "positions_x" in keys:
+        missing = [k for k in ("positions_y", "positions_x") if k not in keys]
+        if missing:
+            raise IngestError(
+                f"{src}: key {missing[0]} missing; expected both positions_y and positions_x"
+            )
+        ys = read_array(f, keys["positions_y"], src, "positions_y").astype(np.float64).ravel()
+        xs = read_array(f, keys["positions_x"], src, "positions_x").astype(np.float64).ravel()
+        label = f"{keys['positions_y']},{keys['positions_x']}"
+        if len(ys) == n_frames and len(xs) == n_frames:
+            return np.stack([ys, xs], axis=1), label, None
+        grid = positions_from_grid(
+            ys, xs, n_frames, src, (keys["positions_y"], keys["positions_x"])
+        )
+        # file column order stays (y, x) here; positions_order applies to 'positions' only
+        return grid, label, (ys, xs)
+    for cand in DEFAULT_CANDIDATES["positions"]:
+        if cand in f:
+            raw = read_array(f, cand, src, "positions")
+            return as_position_columns(raw, n_frames, src, cand), cand, None
+    raise IngestError(
+        f"{src}: key positions missing (tried {list(DEFAULT_CANDIDATES['positions'])}); "
+        "expected --key positions=/path (or positions_y= and positions_x=)"
+    )
+
+
+def collect_attrs(f: h5py.File, limit: int = 200) -> dict[str, Any]:
+    """Root attributes and small scalar datasets the file carries (kept in the store attrs)."""
+    out: dict[str, Any] = {}
+    for k, v in f.attrs.items():
+        out[f"@{k}"] = _plain(v)
+    seen = [0]
+
+    def visit(name: str, obj: Any) -> Any:
+        seen[0] += 1
+        if seen[0] > 5000 or len(out) >= limit:
+            return True
+        if isinstance(obj, h5py.Dataset) and obj.size <= 8 and obj.dtype.kind in "iufbSUO":
+            try:
+                out[name] = _plain(obj[()])
+            except Exception:  # unreadable small dataset: not worth failing the ingest
+                pass
+        return None
+
+    f.visititems(visit)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind in "SO":
+            return [_plain(x) for x in v.tolist()]
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_generic(
+    path: Path, keys: dict[str, str], src: str, defaults: Conversions | None = None
+) -> SourceScan:
+    """Read with a key map (shared by the layout-specific HDF5 readers)."""
+    unknown = sorted(set(keys) - set(KNOWN_KEYS))
+    if unknown:
+        raise IngestError(
+            f"{src}: key map names {unknown}; expected keys among {sorted(KNOWN_KEYS)}"
+        )
+    with open_h5(path) as f:
+        spec = keys.get("intensities")
+        if spec is None:
+            spec = next((c for c in DEFAULT_CANDIDATES["intensities"] if c in f), None)
+            if spec is None:
+                raise IngestError(
+                    f"{src}: key intensities missing (tried "
+                    f"{list(DEFAULT_CANDIDATES['intensities'])}); expected "
+                    "--key intensities=/path/to/frames"
+                )
+        frames = lazy_frames(f, spec, src, path)
+        n_frames = int(np.prod(frames.shape[:-2])) if frames.ndim >= 3 else 1
+        positions, pos_key, grid = read_positions(f, keys, n_frames, src)
+        values = {k: read_number(f, v, src, k) for k, v in keys.items() if k in GEOMETRY_ALIASES}
+        geometry = geometry_from_values(values, src)
+        mask = read_array(f, keys["mask"], src, "mask") if "mask" in keys else None
+        attrs = collect_attrs(f)
+    has_geom = all(v is not None for v in geometry.values())
+    base = defaults or Conversions()
+    if base.positions_unit is None:
+        base = Conversions(**{**base.as_dict(), "positions_unit": "m" if has_geom else "px"})
+    resolved_keys = {**keys, "intensities": spec, "positions": pos_key}
+    return SourceScan(
+        intensities=frames,
+        positions=positions,
+        geometry=geometry,
+        defaults=base,
+        keys=resolved_keys,
+        mask=mask,
+        source_attrs=attrs,
+        positions_grid=grid,
+        positions_named_axes=pos_key.count(",") == 1 and "positions_y" in keys,
+    )
+
+
+class HDF5Reader:
+    """Any HDF5 file, with a key map saying where each quantity lives."""
+
+    name = "hdf5"
+    description = "generic HDF5 with a key map (--key intensities=/entry/data/data ...)"
+
+    def sniff(self, path: Path) -> bool:
+        return path.is_file() and h5py.is_hdf5(path)
+
+    def read(self, path: Path, keys: dict[str, str], options: dict[str, Any]) -> SourceScan:
+        return read_generic(path, keys, str(path))
+
+
+register_reader(HDF5Reader())

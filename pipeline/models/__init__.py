@@ -1,0 +1,9 @@
+"""Representations of the object and the probe: SIREN, hash-grid MLP, or plain pixels.
+
+`fields` turns a configuration into an `ObjectField` and a `ProbeField`; the trainer only
+talks to those two interfaces.
+"""
+
+from pipeline.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
+
+__all__ = ["ObjectField", "ProbeField", "build_object_field", "build_probe_field"]

@@ -1,0 +1,450 @@
+"""PtyINR training: fit object and probe fields to measured diffraction intensities.
+
+Loss (paper eq. 2): SmoothL1(beta) between sqrt(measured) and sqrt(predicted) intensities,
+plus lambda * mean normalised probe amplitude during the first k steps. Adam with separate
+learning rates for object and probe. Full batch or shuffled mini-batches over positions; each
+epoch's order comes from (seed, epoch) alone, so a run resumed from a checkpoint takes exactly
+the steps an uninterrupted run would have taken.
+
+Measured intensities are divided by their global maximum (so beta has one meaning across
+datasets); the probe's learnable scale absorbs the detector's count scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.nn import functional
+
+from pipeline import __version__
+from pipeline.config import ReconstructionConfig
+from pipeline.errors import InputError, ReconstructionFailed
+from pipeline.models.fields import (
+    ObjectField,
+    ProbeField,
+    build_object_field,
+    build_probe_field,
+    probe_guess_from_patterns,
+)
+from pipeline.physics import ScanGeometry, far_field_intensity, fourier_shift
+
+SCALE_LR = 1e-3  # learning rate of the probe's global log-scale (one scalar)
+
+
+@dataclass
+class ScanData:
+    """Diffraction data as the trainer needs it, in memory.
+
+    intensities: (n, Ny, Nx) counts, zero frequency centred. positions_px: (n, 2) (y, x) window
+    centres in object pixels of the store's frame. bad_pixels: (Ny, Nx) True where the detector
+    is not to be trusted. pixel_size: object pixel size (y, x) in metres, or None (pixel units).
+    """
+
+    intensities: np.ndarray
+    positions_px: np.ndarray
+    bad_pixels: np.ndarray | None = None
+    pixel_size: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.intensities.ndim != 3:
+            raise InputError(
+                f"intensities: shape {self.intensities.shape}, expected (frames, det_y, det_x)"
+            )
+        if self.positions_px.shape != (self.intensities.shape[0], 2):
+            raise InputError(
+                f"positions: shape {self.positions_px.shape}, expected "
+                f"({self.intensities.shape[0]}, 2) to match the frames"
+            )
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return (int(self.intensities.shape[1]), int(self.intensities.shape[2]))
+
+    def subset(self, indices: np.ndarray) -> ScanData:
+        """The same scan restricted to some positions (e.g. one FRC half)."""
+        return ScanData(
+            intensities=self.intensities[indices],
+            positions_px=self.positions_px[indices],
+            bad_pixels=self.bad_pixels,
+            pixel_size=self.pixel_size,
+        )
+
+
+@dataclass
+class Reconstruction:
+    """Result of one reconstruction: labelled object, probe, loss curve, and bookkeeping."""
+
+    object: xr.DataArray
+    probe: xr.DataArray
+    loss: xr.DataArray
+    geometry: ScanGeometry
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dataset(self) -> xr.Dataset:
+        """One xarray Dataset, ready to be written as a run group."""
+        return xr.Dataset(
+            {"object": self.object, "probe": self.probe, "loss": self.loss},
+            attrs=dict(self.info),
+        )
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
+    """Position indices of each step of one epoch: full batch, or a seeded shuffle."""
+    if batch_size <= 0 or batch_size >= n:
+        yield np.arange(n)
+        return
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    for start in range(0, n, batch_size):
+        yield np.sort(order[start : start + batch_size])
+
+
+def smooth_l1_amplitude_loss(
+    predicted_intensity: torch.Tensor,
+    measured_amplitude: torch.Tensor,
+    beta: float,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Paper eq. (2) data term: SmoothL1(beta) of sqrt intensities, mean over valid pixels."""
+    predicted_amplitude = torch.sqrt(predicted_intensity + 1e-12)
+    per_pixel = functional.smooth_l1_loss(
+        predicted_amplitude, measured_amplitude, beta=beta, reduction="none"
+    )
+    if valid is None:
+        return per_pixel.mean()
+    weights = valid.to(per_pixel.dtype)
+    return (per_pixel * weights).sum() / (weights.sum() * per_pixel.shape[0])
+
+
+class Trainer:
+    """Owns models, optimiser and data on one device; `fit` runs the epochs."""
+
+    def __init__(
+        self,
+        data: ScanData,
+        config: ReconstructionConfig,
+        *,
+        known_probe: np.ndarray | None = None,
+        geometry: ScanGeometry | None = None,
+    ) -> None:
+        self.config = config
+        self.data = data
+        train = config.train
+        if train.threads > 0:
+            torch.set_num_threads(train.threads)
+        self.device = select_device(train.device)
+        self.geometry = geometry or ScanGeometry.from_positions(
+            data.positions_px,
+            data.frame_shape,
+            padding_px=config.data.object_padding_px,
+            round_positions=train.positions == "round",
+        )
+        if known_probe is not None and tuple(known_probe.shape) != data.frame_shape:
+            raise InputError(
+                f"known probe: shape {tuple(known_probe.shape)}, expected {data.frame_shape} "
+                "(the diffraction frame shape)"
+            )
+        torch.manual_seed(train.seed)
+        intensities = np.asarray(data.intensities, dtype=np.float32)
+        self.intensity_scale = float(max(intensities.max(), 1e-30))
+        self.measured_amplitude = torch.as_tensor(
+            np.sqrt(np.clip(intensities, 0, None) / self.intensity_scale), device=self.device
+        )
+        self.valid = (
+            None
+            if data.bad_pixels is None
+            else torch.as_tensor(~np.asarray(data.bad_pixels, bool), device=self.device)
+        )
+        self.top_left = torch.as_tensor(self.geometry.top_left, device=self.device)
+        self.subpixel = torch.as_tensor(
+            self.geometry.subpixel, dtype=torch.float32, device=self.device
+        )
+        self.use_subpixel = bool(np.abs(self.geometry.subpixel).max(initial=0.0) > 1e-6)
+
+        initial_probe = None
+        if known_probe is None and config.model.probe_init == "data":
+            initial_probe = probe_guess_from_patterns(intensities.mean(axis=0))
+        self.object: ObjectField = build_object_field(self.geometry.object_shape, config.model).to(
+            self.device
+        )
+        self.probe: ProbeField = build_probe_field(
+            data.frame_shape, config.model, known_probe=known_probe, initial_probe=initial_probe
+        ).to(self.device)
+        if self.probe.kind == "hashgrid" and initial_probe is not None:
+            self.probe.fit_to(initial_probe, steps=config.model.probe_init_steps)
+        self._initialise_probe_scale()
+        object_params = list(self.object.parameters())
+        probe_params = [p for n, p in self.probe.named_parameters() if n != "log_scale"]
+        groups: list[dict[str, Any]] = [
+            {"params": object_params, "lr": train.lr_object},
+            {"params": [self.probe.log_scale], "lr": SCALE_LR},
+        ]
+        if probe_params:
+            groups.append({"params": probe_params, "lr": train.lr_probe})
+        self.optimizer = torch.optim.Adam(groups)
+        self.step = 0
+        self.epoch = 0
+        self.loss_history: list[float] = []
+        self.seconds = 0.0
+        self._full_batch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- model pieces --------------------------------------------------------------------------
+
+    def _window_indices(self, batch: torch.Tensor) -> torch.Tensor:
+        ny, nx = self.geometry.window_shape
+        width = self.geometry.object_shape[1]
+        tl = self.top_left[batch]
+        rows = tl[:, 0, None] + torch.arange(ny, device=self.device)[None, :]
+        cols = tl[:, 1, None] + torch.arange(nx, device=self.device)[None, :]
+        return rows[:, :, None] * width + cols[:, None, :]
+
+    def _pixels_of(self, batch: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique object pixels under the batch's windows, and how to spread them back."""
+        if full and self._full_batch_cache is not None:
+            return self._full_batch_cache
+        unique, inverse = torch.unique(self._window_indices(batch), return_inverse=True)
+        if full:
+            self._full_batch_cache = (unique, inverse)
+        return unique, inverse
+
+    def predict(self, batch: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted intensities (B, Ny, Nx) and the mean normalised probe amplitude."""
+        unique, inverse = self._pixels_of(batch, full)
+        patches = self.object.sample(unique)[inverse]
+        probe, mean_amplitude = self.probe()
+        if self.use_subpixel:
+            probes = fourier_shift(probe, self.subpixel[batch])
+        else:
+            probes = probe[None]
+        return far_field_intensity(probes * patches), mean_amplitude
+
+    @torch.no_grad()
+    def _initialise_probe_scale(self) -> None:
+        """Start with predicted frame energy equal to measured (object amplitude ~ 1)."""
+        measured_energy = float(self.measured_amplitude.square().sum(dim=(-2, -1)).mean())
+        probe_energy = float(self.probe.normalised().abs().square().sum())
+        sample = torch.unique(self._window_indices(torch.arange(self.geometry.n_positions)))
+        object_power = float(self.object.sample(sample).abs().square().mean())
+        ratio = measured_energy / max(probe_energy * object_power, 1e-30)
+        self.probe.log_scale.fill_(0.5 * math.log(max(ratio, 1e-30)))
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def train_step(self, batch_indices: np.ndarray, full: bool) -> float:
+        train = self.config.train
+        batch = torch.as_tensor(batch_indices, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        predicted, mean_probe_amplitude = self.predict(batch, full)
+        data_loss = smooth_l1_amplitude_loss(
+            predicted, self.measured_amplitude[batch], train.loss_beta, self.valid
+        )
+        loss = data_loss
+        self.step += 1
+        if self.probe.kind != "fixed" and self.step <= train.probe_reg_steps:
+            loss = loss + train.probe_reg_lambda * mean_probe_amplitude
+        value = float(data_loss.detach())
+        if not math.isfinite(value):
+            raise ReconstructionFailed(
+                f"loss became {value} at step {self.step} (epoch {self.epoch + 1}); "
+                "try lower learning rates (train.lr_object / train.lr_probe)"
+            )
+        loss.backward()
+        self.optimizer.step()
+        return value
+
+    def run_epoch(self) -> float:
+        train = self.config.train
+        n = self.geometry.n_positions
+        full = train.batch_size <= 0 or train.batch_size >= n
+        losses, weights = [], []
+        for batch in batches(n, train.batch_size, train.seed, self.epoch):
+            losses.append(self.train_step(batch, full))
+            weights.append(len(batch))
+        self.epoch += 1
+        return float(np.average(losses, weights=weights))
+
+    def fit(
+        self,
+        *,
+        checkpoint_path: Path | None = None,
+        progress: bool = True,
+        description: str = "reconstructing",
+        on_epoch: Callable[[int, float], None] | None = None,
+    ) -> Reconstruction:
+        """Run the remaining epochs (resuming from `checkpoint_path` when it exists)."""
+        train = self.config.train
+        if checkpoint_path is not None and Path(checkpoint_path).exists():
+            self.load_checkpoint(checkpoint_path)
+        last_checkpoint_step = self.step
+        bar = _progress(progress)
+        with bar:
+            task = bar.add_task(
+                description, total=train.epochs, completed=self.epoch, loss=math.nan
+            )
+            while self.epoch < train.epochs:
+                started = time.perf_counter()
+                value = self.run_epoch()
+                self.seconds += time.perf_counter() - started
+                self.loss_history.append(value)
+                bar.update(task, advance=1, loss=value)
+                if on_epoch is not None:
+                    on_epoch(self.epoch, value)
+                due = (
+                    train.checkpoint_every
+                    and self.step - last_checkpoint_step >= train.checkpoint_every
+                )
+                if checkpoint_path is not None and due and self.epoch < train.epochs:
+                    self.save_checkpoint(checkpoint_path)
+                    last_checkpoint_step = self.step
+        return self.result()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Models, optimiser and counters, written atomically (tmp file then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "object": self.object.state_dict(),
+            "probe": self.probe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss_history": self.loss_history,
+            "seconds": self.seconds,
+            "config": self.config.model_dump(),
+        }
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(Path(path), map_location=self.device, weights_only=False)
+        saved = dict(state["config"])
+        current = self.config.model_dump()
+        for section in ("model", "data"):
+            if saved.get(section) != current.get(section):
+                raise InputError(
+                    f"checkpoint {str(path)!r}: [{section}] differs from this run's config; "
+                    "delete the checkpoint or use the same configuration"
+                )
+        self.object.load_state_dict(state["object"])
+        self.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.loss_history = list(state["loss_history"])
+        self.seconds = float(state["seconds"])
+
+    # -- results -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def result(self) -> Reconstruction:
+        obj = self.object.full().cpu().numpy().astype(np.complex64)
+        probe = (self.probe()[0]).cpu().numpy().astype(np.complex64)
+        ys, xs = self.geometry.pixel_coordinates()
+        ny, nx = self.geometry.window_shape
+        py = np.arange(ny, dtype=np.float64) - ny // 2
+        px = np.arange(nx, dtype=np.float64) - nx // 2
+        size = self.data.pixel_size
+        unit = "px" if size is None else "m"
+        sy, sx = (1.0, 1.0) if size is None else size
+        object_da = xr.DataArray(
+            obj,
+            dims=("y", "x"),
+            coords={"y": ("y", ys * sy, {"units": unit}), "x": ("x", xs * sx, {"units": unit})},
+            name="object",
+        )
+        probe_da = xr.DataArray(
+            probe,
+            dims=("probe_y", "probe_x"),
+            coords={
+                "probe_y": ("probe_y", py * sy, {"units": unit}),
+                "probe_x": ("probe_x", px * sx, {"units": unit}),
+            },
+            name="probe",
+        )
+        epochs = np.arange(1, len(self.loss_history) + 1)
+        loss_da = xr.DataArray(
+            np.asarray(self.loss_history, dtype=np.float64),
+            dims=("epoch",),
+            coords={"epoch": epochs},
+            name="loss",
+        )
+        info = {
+            "epochs": int(self.epoch),
+            "steps": int(self.step),
+            "train_seconds": float(self.seconds),
+            "seconds_per_epoch": float(self.seconds / max(self.epoch, 1)),
+            "final_loss": float(self.loss_history[-1]) if self.loss_history else math.nan,
+            "intensity_scale": self.intensity_scale,
+            "origin_px": list(self.geometry.origin_px),
+            "positions_unit": unit,
+            "known_probe": self.probe.kind == "fixed",
+            "device": str(self.device),
+            "versions": {"ptyinr": __version__, "torch": torch.__version__},
+        }
+        return Reconstruction(object_da, probe_da, loss_da, self.geometry, info)
+
+
+def _progress(enabled: bool) -> Progress | contextlib.AbstractContextManager:
+    if not enabled:
+        return _SilentProgress()
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]:.3e}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+class _SilentProgress(contextlib.nullcontext):
+    """The bits of rich.Progress the trainer calls, doing nothing."""
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def reconstruct(
+    data: ScanData,
+    config: ReconstructionConfig,
+    *,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    checkpoint_path: Path | None = None,
+    progress: bool = True,
+    description: str = "reconstructing",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Reconstruction:
+    """Reconstruct object and probe from in-memory data (the engine's one entry point)."""
+    trainer = Trainer(data, config, known_probe=known_probe, geometry=geometry)
+    return trainer.fit(
+        checkpoint_path=checkpoint_path,
+        progress=progress,
+        description=description,
+        on_epoch=on_epoch,
+    )
