@@ -21,6 +21,8 @@ app = typer.Typer(
 # Command modules, in the order their commands appear in `ptyinr --help`.
 COMMAND_MODULES: list[str] = [
     "cli.engine",
+    "cli.slurm",
+    "cli.ingest",
 ]
 
 for _name in COMMAND_MODULES:

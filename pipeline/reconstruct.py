@@ -1,0 +1,163 @@
+"""One reconstruction of one scan store, from the store back into the store.
+
+This is the unit of work every front end shares (`ptyinr reconstruct`, the Dask graph of
+`ptyinr run`/`scan`, SLURM workers): read the frames and positions, train, write
+`reconstructions/<run_id>` (object, probe, loss, resolved config, timings, versions,
+quality against ground truth when the store has it), mark it complete last.
+Checkpoints live in the store too (`checkpoints/<run_id>/<part>.pt`, outside the Zarr
+hierarchy) so a resubmitted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from pipeline import evaluate, store
+from pipeline.config import ReconstructionConfig
+from pipeline.errors import InputError
+from pipeline.physics import ScanGeometry
+from pipeline.train import Reconstruction, ScanData, Trainer
+
+CHECKPOINTS = "checkpoints"
+
+
+def new_run_id() -> str:
+    """Sortable, unique, readable: 20261121-231501-3fa2."""
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+@dataclass
+class LoadedScan:
+    """A store's data ready for training, plus what evaluation needs from the store."""
+
+    path: Path
+    dataset: xr.Dataset
+    data: ScanData
+    source: str
+
+
+def load_scan(path: str | Path, config: ReconstructionConfig) -> LoadedScan:
+    """Open and validate a store, and bring the configured frames into memory."""
+    path = Path(path)
+    ds = store.open_scan_store(path)
+    source = config.data.source
+    if source == "auto":
+        source = "preprocessed" if "preprocessed" in ds else "intensities"
+    frames = store.load_frames(ds, source=source)
+    frame_shape = (int(frames.shape[1]), int(frames.shape[2]))
+    positions = store.positions_px(ds, frame_shape)
+    pixel = store.object_pixel_size(ds, frame_shape)
+    if ds.attrs.get("positions_unit") == "px":
+        pixel = None
+    mask_name = "preprocessed_mask" if source == "preprocessed" else "mask"
+    bad = np.asarray(ds[mask_name].values, bool) if mask_name in ds else None
+    data = ScanData(frames, positions, bad_pixels=bad, pixel_size=pixel)
+    return LoadedScan(path=path, dataset=ds, data=data, source=source)
+
+
+def load_probe_file(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarray:
+    """A known probe from .npy (complex array of the frame shape)."""
+    p = Path(path)
+    try:
+        probe = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"probe file {str(p)!r}: cannot be read as .npy ({exc})") from None
+    if probe.ndim != 2 or tuple(probe.shape) != tuple(frame_shape):
+        raise InputError(
+            f"probe file {str(p)!r}: shape {tuple(probe.shape)}, expected {tuple(frame_shape)} "
+            "(the diffraction frame shape)"
+        )
+    if not np.all(np.isfinite(probe)):
+        raise InputError(f"probe file {str(p)!r}: contains NaN or infinite values")
+    return probe.astype(np.complex64)
+
+
+def checkpoint_path(store_path: Path, run_id: str, part: str = "full") -> Path:
+    return Path(store_path) / CHECKPOINTS / run_id / f"{part}.pt"
+
+
+def quality(result: Reconstruction, ds: xr.Dataset) -> dict[str, float]:
+    """Quality against the store's ground truth (simulations), on the scanned interior."""
+    if "true_object" not in ds:
+        return {}
+    interior = evaluate.scanned_interior(
+        result.geometry.object_shape, result.geometry.window_centres_on_grid()
+    )
+    remove_ramp = not bool(result.info.get("known_probe"))
+    out = evaluate.compare_object(
+        result.object, ds["true_object"].load(), mask=interior, remove_ramp=remove_ramp
+    )
+    if "true_probe" in ds:
+        out.update(
+            evaluate.compare_probe(
+                result.probe.values, ds["true_probe"].values, remove_ramp=remove_ramp
+            )
+        )
+    return {k: float(v) for k, v in out.items()}
+
+
+def run_attrs(config: ReconstructionConfig, loaded: LoadedScan, **extra: Any) -> dict[str, Any]:
+    return {
+        "config": config.model_dump(),
+        "data_source": loaded.source,
+        "n_positions": int(loaded.data.positions_px.shape[0]),
+        "store": str(loaded.path),
+        **extra,
+    }
+
+
+def reconstruct_store(
+    path: str | Path,
+    config: ReconstructionConfig,
+    *,
+    run_id: str | None = None,
+    indices: np.ndarray | None = None,
+    subgroup: str | None = None,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    progress: bool = True,
+    mark_complete: bool = True,
+    loaded: LoadedScan | None = None,
+) -> tuple[str, Reconstruction]:
+    """Reconstruct a store (or a subset of its positions) and write the run group.
+
+    With `subgroup` (e.g. FRC halves) the result goes to `reconstructions/<run_id>/<subgroup>`
+    and the caller marks the run complete when all its parts are written.
+    """
+    started = time.perf_counter()
+    loaded = loaded or load_scan(path, config)
+    run_id = run_id or new_run_id()
+    data = loaded.data if indices is None else loaded.data.subset(np.asarray(indices))
+    part = subgroup or "full"
+    ckpt = checkpoint_path(loaded.path, run_id, part)
+    trainer = Trainer(data, config, known_probe=known_probe, geometry=geometry)
+    result = trainer.fit(
+        checkpoint_path=ckpt if config.train.checkpoint_every else None,
+        progress=progress,
+        description=f"{loaded.path.name} {part}",
+    )
+    scores = quality(result, loaded.dataset) if subgroup is None else {}
+    result.info["quality"] = scores
+    result.info["wall_seconds"] = time.perf_counter() - started
+    attrs = run_attrs(config, loaded, part=part, **result.info)
+    if indices is not None:
+        attrs["positions_used"] = np.asarray(indices).tolist()
+    store.write_run(loaded.path, run_id, result.to_dataset(), attrs=attrs, subgroup=subgroup)
+    if mark_complete and subgroup is None:
+        store.mark_run(loaded.path, run_id, "complete", **({"quality": scores} if scores else {}))
+        remove_checkpoints(loaded.path, run_id)
+    return run_id, result
+
+
+def remove_checkpoints(store_path: Path, run_id: str) -> None:
+    """Checkpoints of a finished run are no longer needed."""
+    shutil.rmtree(Path(store_path) / CHECKPOINTS / run_id, ignore_errors=True)
