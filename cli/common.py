@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import InputError
 
@@ -16,7 +17,7 @@ console = Console()
 
 def fail(exc: Exception) -> typer.Exit:
     """Print an input error as one red line; the caller raises the returned Exit(2)."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 

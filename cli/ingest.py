@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.common import fail
 from pipeline import store as scan_store
 from pipeline.errors import InputError
 
@@ -20,9 +21,7 @@ err = Console(stderr=True)
 out = Console()
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+_fail = fail
 
 
 def _parse_keys(items: list[str] | None) -> dict[str, str]:

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.common import fail
 from pipeline.errors import InputError
 
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -26,9 +27,7 @@ _console = Console()
 _err = Console(stderr=True)
 
 
-def _fail(exc: InputError) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(2)
+_fail = fail
 
 
 # --------------------------------------------------------------------------- profiles
