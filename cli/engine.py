@@ -12,10 +12,12 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from cli.common import console, user_errors
+from cli.common import console, err_console, user_errors
 from pipeline import figures, store
 from pipeline.config import load_config, read_toml
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError, ReconstructionFailed
+from pipeline.parallel import choose_ranks
+from pipeline.plan import check_plan
 from pipeline.reconstruct import load_probe_file, load_scan, reconstruct_store
 from pipeline.simulate import SimulationConfig, write_simulated_store
 
@@ -107,6 +109,18 @@ def reconstruct(
         Path | None, typer.Option("--figures", help="also write PNG figures here")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    processes: Annotated[
+        int, typer.Option(help="train data-parallel in K CPU processes (Gloo)")
+    ] = 1,
+    gpus: Annotated[
+        int, typer.Option(help="train data-parallel on K GPUs, one process each (NCCL)")
+    ] = 0,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan", help="print estimated peak memory per device and time per epoch; stop"
+        ),
+    ] = False,
 ) -> None:
     """Reconstruct object and probe of one scan store into reconstructions/<run_id>."""
     with user_errors():
@@ -114,15 +128,36 @@ def reconstruct(
         if device:
             overrides.append(f"train.device={device}")
         cfg = load_config(config, overrides)
-        loaded = load_scan(store_path, cfg)
+        ranks, cfg = choose_ranks(processes, gpus, cfg)
+        check_plan(
+            store_path,
+            cfg,
+            ranks,
+            known_probe=probe is not None,
+            show=plan,
+            echo=lambda line: console.print(line, highlight=False),
+        )
+        if plan:
+            return
+        loaded = load_scan(store_path, cfg, lazy=True)
         known = load_probe_file(probe, loaded.data.frame_shape) if probe else None
         if run_id and any(r["run_id"] == run_id for r in store.list_runs(loaded.path)):
             raise InputError(
                 f"{store_path}: run {run_id!r} already exists; choose another --run-id"
             )
-        rid, result = reconstruct_store(
-            store_path, cfg, run_id=run_id, known_probe=known, progress=not quiet, loaded=loaded
-        )
+        try:
+            rid, result = reconstruct_store(
+                store_path,
+                cfg,
+                run_id=run_id,
+                known_probe=known,
+                progress=not quiet,
+                loaded=loaded,
+                world_size=ranks,
+            )
+        except ReconstructionFailed as exc:  # the fit diverged: one line, exit 1, nothing written
+            err_console.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
     console.print(
         f"run [bold]{rid}[/] complete: {result.info['epochs']} epochs in "
         f"{result.info['train_seconds']:.1f} s, final loss {result.info['final_loss']:.3e}"

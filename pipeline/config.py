@@ -74,6 +74,37 @@ class DataConfig(_Section):
         "auto", description="auto: 'preprocessed' when the store has it, else 'intensities'"
     )
     object_padding_px: int = Field(0, ge=0, description="extra object pixels around the scan")
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: read frames from the store per mini-batch when they do not fit the "
+        "device (pipeline.plan); always; never: whole scan resident on the device",
+    )
+
+
+class PerformanceConfig(_Section):
+    """How a run executes (speed, memory), never what it computes; each switch is benchmarked
+    in benchmarks/bench_scale.py."""
+
+    object_tile_pixels: int = Field(
+        0,
+        ge=0,
+        description="object pixels per checkpointed tile when a batch's pixel union is larger; "
+        "0 = auto (only when the untiled step would not fit the memory budget)",
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1.0, description="share of free device memory (RAM on CPU) a run may plan"
+    )
+    tf32: bool = Field(False, description="TF32 tensor-core matmuls on CUDA")
+    bf16: bool = Field(False, description="bfloat16 autocast for the object networks")
+    compile: bool = Field(False, description="torch.compile the object networks")
+    pin_memory: bool = Field(
+        True, description="pinned host buffers and non_blocking copies for streamed frames (CUDA)"
+    )
+    bounded_heap: bool = Field(
+        True,
+        description="CPU: glibc returns tensors > 1 MiB to the system when freed, so RAM tracks "
+        "live tensors (the memory plan) instead of up to ~2x of it",
+    )
 
 
 class ReconstructionConfig(_Section):
@@ -82,6 +113,7 @@ class ReconstructionConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    performance: PerformanceConfig = PerformanceConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
@@ -98,8 +130,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     if first["type"] == "extra_forbidden":
         section = ".".join(str(p) for p in first["loc"][:-1])
         known = _known_keys(section)
+        where = f"keys in [{section}]" if section else "sections"
         return f"{origin}: unknown config key '{key}'" + (
-            f"; known keys in [{section}]: {', '.join(known)}" if known else ""
+            f"; known {where}: {', '.join(known)}" if known else ""
         )
     return f"{origin}: config key '{key}' = {value!r}: {first['msg']}"
 
