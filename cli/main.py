@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "cli.engine",
     "cli.slurm",
     "cli.ingest",
+    "cli.run",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,1178 @@
+"""The Dask graph of `ptyinr run` and `ptyinr scan`: reconstruction plus resolution, per store.
+
+Per run (one store x one configuration) the graph is
+
+```
+[preprocess (once per store, when asked)]
+  -> prepare            open + validate the store, one object grid for all parts, half split,
+                        create reconstructions/<run_id> with status "running"
+  -> reconstruct_full   all positions           -> reconstructions/<run_id>          (GPU task)
+     reconstruct_half_a half A of the positions -> reconstructions/<run_id>/half_a   (GPU task)
+     reconstruct_half_b half B                  -> reconstructions/<run_id>/half_b   (GPU task)
+  -> frc                FRC of the two half objects (complex, scanned interior)
+  -> write_results      frc variables + resolution, config, timings, versions into the run
+                        group, figures, and `status = "complete"` LAST
+```
+
+Why futures (`client.submit`) rather than dask.delayed: each task gets its own resources
+(`task_resources`: one GPU for a reconstruction), retries and readable key, and the driver can
+watch every task for the progress display. The reconstructions, FRC and write are submitted
+when `prepare` has finished, with its (small) result passed by value: as a future it would pin
+all three reconstructions to the worker holding it (see `RunHandle`). Robustness comes from
+three rules:
+
+- every task is idempotent: it rewrites only its own part of the run group (a retried or
+  rescheduled reconstruction replaces its arrays; with `train.checkpoint_every` it resumes
+  from `checkpoints/<run_id>/<part>.pt`), so a worker killed mid-task is harmless: the
+  scheduler reruns the task on another (or the restarted) worker;
+- errors a user can act on (a bad store: `InputError`; a diverging fit: `ReconstructionFailed`)
+  are not retried: the task returns a `Failed` marker that flows down the run's branch, and the
+  last task records `status = "failed"` with the reason in the store (when it is a writable scan
+  store); other runs go on. Anything else (a bug, an I/O hiccup) is retried `retries` times;
+- the run group is created by `prepare` and only `write_results` marks it complete, after
+  everything else is written; the run-level attrs are written in full by that task, so the
+  concurrent writes of the three reconstructions cannot leave them stale.
+
+FRC choice: the complex half objects, cropped to the scanned interior (the bounding box of the
+probe centres: outside it the halves are unconstrained), compared with `evaluate.frc` (ramp and
+phase offset removed, sub-pixel registration, Tukey apodisation, half-bit threshold). The
+halves start from different seeds (seed + 1, seed + 2): shared initial values in poorly
+constrained areas would otherwise correlate and flatter the resolution. Resolution is the
+half-period at the crossing, in metres (pixels for stores without geometry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import json
+import math
+import platform
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from pipeline import __version__, evaluate, store
+from pipeline.cluster import current_slurm_job_id, task_resources
+from pipeline.config import ReconstructionConfig
+from pipeline.errors import InputError, ReconstructionFailed
+from pipeline.physics import ScanGeometry
+
+__all__ = [
+    "DEFAULT_RETRIES",
+    "Failed",
+    "RunHandle",
+    "RunOutcome",
+    "RunSpec",
+    "best_per_dataset",
+    "collect",
+    "config_run_id",
+    "dataset_names",
+    "default_figures_dir",
+    "format_resolution",
+    "iter_grid",
+    "outcome_from_attrs",
+    "record_failure",
+    "run_graph",
+    "save_summary",
+    "scan_summary",
+    "submit_runs",
+]
+
+#: Retries of a task that raised an unexpected exception (a worker dying is handled by the
+#: scheduler itself: it reschedules the task, up to `distributed.scheduler.allowed-failures`).
+DEFAULT_RETRIES = 2
+PARTS = ("full", "half_a", "half_b")
+HALF_SEED_OFFSETS = {"half_a": 1, "half_b": 2}
+STAGES = ("preprocess", "prepare", *PARTS, "frc", "write")
+_STAGE_KEYS = {
+    "preprocess": "preprocess",
+    "prepare": "prepare",
+    "full": "reconstruct_full",
+    "half_a": "reconstruct_half_a",
+    "half_b": "reconstruct_half_b",
+    "frc": "frc",
+    "write": "write_results",
+}
+FRC_IMAGE = "complex object, scanned interior (bounding box of the probe centres)"
+OK_STATUSES = ("complete", "skipped")
+
+
+# --------------------------------------------------------------------------------------------
+# what flows through the graph
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RunSpec:
+    """One run: a store, a resolved configuration, a run id and what to do around it.
+
+    `label` holds the scan's grid coordinates ((key, value), ...); `figures_dir` is this
+    run's own folder for PNGs (None: `default_figures_dir`); `preprocess` (a
+    `pipeline.preprocess.PreprocessOptions`) writes the store's `preprocessed` array first.
+    """
+
+    store: Path
+    config: ReconstructionConfig
+    run_id: str
+    frc: bool = True
+    figures_dir: Path | None = None
+    force: bool = False
+    label: tuple[tuple[str, Any], ...] = ()
+    preprocess: Any | None = None
+
+    @property
+    def figures(self) -> Path:
+        return self.figures_dir or default_figures_dir(self.store, self.run_id)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A stage that could not do its job for a reason the user can act on."""
+
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """What `prepare` learnt about a run's store; every later task of the run gets it."""
+
+    config: ReconstructionConfig  # with data.source resolved (never "auto")
+    started: float  # time.time() when prepare started
+    seconds: float
+    frame_shape: tuple[int, int]
+    n_positions: int
+    object_shape: tuple[int, int]
+    origin_px: tuple[int, int]
+    interior: tuple[int, int, int, int]  # y0, y1, x0, x1 on the object grid (FRC crop)
+    halves: tuple[np.ndarray, np.ndarray] | None
+    split_kind: str | None
+    preprocess: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """One reconstruction (full or a half), already written to the store."""
+
+    part: str
+    attrs: dict[str, Any]
+    final_loss: float
+    epochs: int
+    train_seconds: float
+    wall_seconds: float
+    worker: str | None
+    slurm_job_id: str | None
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended, for the summary, the table and the exit code."""
+
+    store: Path
+    run_id: str
+    status: str  # complete | skipped (complete before) | failed
+    reason: str | None = None
+    stage: str | None = None
+    resolution: float = math.nan
+    resolution_unit: str | None = None
+    resolved_to_nyquist: bool = False
+    pixel_size: float = math.nan
+    final_loss: float = math.nan
+    wall_seconds: float = math.nan
+    figures_dir: str | None = None
+    recorded: bool = True  # the status is in the store
+    label: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def default_figures_dir(store_path: Path, run_id: str) -> Path:
+    """`<store parent>/<store stem>.figures/<run_id>/`: beside the store, never inside it."""
+    p = Path(store_path)
+    return p.parent / f"{p.name.removesuffix('.zarr')}.figures" / run_id
+
+
+def config_run_id(
+    config: ReconstructionConfig, *, frc: bool = True, preprocess: Any | None = None
+) -> str:
+    """Deterministic run id of a configuration (scan): `cfg-<12 hex of sha256>`.
+
+    Everything that changes the result is hashed (resolved config, FRC on/off, preprocessing
+    options), so a re-run of a scan finds the runs it already completed.
+    """
+    payload = {
+        "config": config.model_dump(),
+        "frc": bool(frc),
+        "preprocess": store.json_safe(dataclasses.asdict(preprocess)) if preprocess else None,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"cfg-{digest[:12]}"
+
+
+def _float(value: Any) -> float:
+    """A float from an attr (JSON stores NaN as the string "NaN")."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None
+
+
+def _versions(extra: dict[str, Any] | None = None) -> dict[str, str]:
+    import dask
+    import distributed
+    import zarr
+
+    out = {
+        "ptyinr": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "xarray": xr.__version__,
+        "zarr": zarr.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+    }
+    out.update({k: str(v) for k, v in (extra or {}).items()})
+    return out
+
+
+def _with_seed(config: ReconstructionConfig, offset: int) -> ReconstructionConfig:
+    train = config.train.model_copy(update={"seed": config.train.seed + offset})
+    return config.model_copy(update={"train": train})
+
+
+def _in_task_dask() -> contextlib.AbstractContextManager:
+    """Dask arrays read inside a task (the store's lazy arrays) are computed right there.
+
+    Inside a worker, `.compute()` would otherwise go to the cluster's scheduler and block the
+    worker's thread on tasks that may need that very thread: a deadlock when all are busy.
+    """
+    import dask
+
+    return dask.config.set(scheduler="synchronous")
+
+
+def _stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Task decorator: pass a `Failed` input straight through, and turn the errors a user can
+    act on into a `Failed` result (not retried: they would fail again). `name` "part" means:
+    the stage is the task's last argument (full, half_a, half_b)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def task(*args: Any) -> Any:
+            for arg in args:
+                if isinstance(arg, Failed):
+                    return arg
+            try:
+                with _in_task_dask():
+                    return fn(*args)
+            except (InputError, ReconstructionFailed) as exc:
+                return Failed(str(args[-1]) if name == "part" else name, _reason(exc))
+
+        return task
+
+    return wrap
+
+
+def _begin_run_group(path: Path, run_id: str, attrs: dict[str, Any]) -> None:
+    """Create (or reset the attrs of) reconstructions/<run_id>, status "running".
+
+    Two runs starting at once on a store without a `reconstructions` group may race to create
+    it; zarr then refuses the second creation, so it is retried a few times.
+    """
+    for attempt in range(5):
+        try:
+            store.write_run(path, run_id, xr.Dataset(), attrs=attrs)
+            return
+        except (FileExistsError, KeyError, ValueError) as exc:
+            if isinstance(exc, InputError) or attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _run_exists(path: Path, run_id: str) -> bool:
+    return (path / store.RECONSTRUCTIONS / run_id / "zarr.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# the tasks (run on workers)
+# --------------------------------------------------------------------------------------------
+
+
+@_stage("preprocess")
+def preprocess_task(path: Path, options: Any) -> dict[str, Any]:
+    """Write the store's `preprocessed` array, or reuse one made with the same options."""
+    from pipeline.preprocess import write_preprocessed
+
+    started = time.perf_counter()
+    ds = store.open_scan_store(path)
+    wanted = store.json_safe(dataclasses.asdict(options))
+    reused = store.PREPROCESSED in ds and ds[store.PREPROCESSED].attrs.get("options") == wanted
+    if not reused:
+        write_preprocessed(path, options, overwrite=True)
+    return {"options": wanted, "reused": bool(reused), "seconds": time.perf_counter() - started}
+
+
+@_stage("prepare")
+def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
+    """Validate the store, lay out one object grid for all parts, split, open the run group."""
+    started_wall = time.time()
+    started = time.perf_counter()
+    path = spec.store
+    if spec.force and _run_exists(path, spec.run_id):
+        store.delete_run(path, spec.run_id)
+    if spec.force:
+        from pipeline.reconstruct import remove_checkpoints
+
+        remove_checkpoints(path, spec.run_id)
+    ds = store.open_scan_store(path)
+    cfg = spec.config
+    source = cfg.data.source
+    if source == "auto":
+        source = store.PREPROCESSED if store.PREPROCESSED in ds else store.INTENSITIES
+    if source not in ds:
+        raise InputError(
+            f"{path}: data.source = {source!r} but the store has no {source!r} array; "
+            "run `ptyinr preprocess` (or pass --preprocess) or set data.source=intensities"
+        )
+    # Pin the source: a `preprocessed` array replaced meanwhile must not silently become raw.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
+    positions = store.positions_px(ds, frame_shape)
+    geometry = ScanGeometry.from_positions(
+        positions,
+        frame_shape,
+        padding_px=cfg.data.object_padding_px,
+        round_positions=cfg.train.positions == "round",
+    )
+    centres = geometry.window_centres_on_grid()
+    lo = np.maximum(np.ceil(centres.min(axis=0) - 1e-9).astype(int), 0)
+    hi = np.minimum(np.floor(centres.max(axis=0) + 1e-9).astype(int) + 1, geometry.object_shape)
+    halves = split_kind = None
+    if spec.frc:
+        halves = evaluate.half_split(positions)
+        alternate = np.array_equal(halves[0], np.arange(0, len(positions), 2))
+        split_kind = "alternate" if alternate else "checkerboard"
+        if min(len(halves[0]), len(halves[1])) < 1:
+            raise InputError(f"{path}: {len(positions)} positions cannot be split in halves")
+    attrs = {
+        "config": cfg.model_dump(),
+        "run_id": spec.run_id,
+        "store": str(path),
+        "label": dict(spec.label),
+        "frc_requested": bool(spec.frc),
+    }
+    _begin_run_group(path, spec.run_id, attrs)
+    return Prepared(
+        config=cfg,
+        started=started_wall,
+        seconds=time.perf_counter() - started,
+        frame_shape=frame_shape,
+        n_positions=len(positions),
+        object_shape=geometry.object_shape,
+        origin_px=geometry.origin_px,
+        interior=(int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])),
+        halves=halves,
+        split_kind=split_kind,
+        preprocess=pre,
+    )
+
+
+@_stage("part")
+def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult:
+    """One reconstruction on the shared grid, written to its own part of the run group."""
+    from pipeline.reconstruct import load_scan, reconstruct_store, run_attrs
+
+    started = time.perf_counter()
+    cfg = prepared.config
+    indices = None
+    if part != "full":
+        if prepared.halves is None:
+            raise InputError(f"{spec.store}: no half split prepared for {part}")
+        indices = prepared.halves[0 if part == "half_a" else 1]
+        cfg = _with_seed(cfg, HALF_SEED_OFFSETS[part])
+    loaded = load_scan(spec.store, cfg)
+    n = int(loaded.data.positions_px.shape[0])
+    if loaded.data.frame_shape != prepared.frame_shape or n != prepared.n_positions:
+        raise InputError(
+            f"{spec.store}: {n} frames of {loaded.data.frame_shape} now, "
+            f"{prepared.n_positions} of {prepared.frame_shape} when the run was prepared; "
+            "expected the store not to change during a run"
+        )
+    positions = loaded.data.positions_px if indices is None else loaded.data.positions_px[indices]
+    geometry = ScanGeometry.from_positions(
+        positions,
+        prepared.frame_shape,
+        padding_px=cfg.data.object_padding_px,
+        round_positions=cfg.train.positions == "round",
+        object_shape=prepared.object_shape,
+        origin_px=prepared.origin_px,
+    )
+    _, result = reconstruct_store(
+        spec.store,
+        cfg,
+        run_id=spec.run_id,
+        indices=indices,
+        subgroup=None if part == "full" else part,
+        geometry=geometry,
+        progress=False,
+        mark_complete=False,
+        loaded=loaded,
+    )
+    info = result.info
+    attrs = run_attrs(cfg, loaded, part=part, **info) if part == "full" else {}
+    return PartResult(
+        part=part,
+        attrs=store.json_safe(attrs),
+        final_loss=float(info.get("final_loss", math.nan)),
+        epochs=int(info.get("epochs", 0)),
+        train_seconds=float(info.get("train_seconds", math.nan)),
+        wall_seconds=time.perf_counter() - started,
+        worker=_worker_address(),
+        slurm_job_id=current_slurm_job_id(),
+    )
+
+
+@_stage("frc")
+def frc_task(spec: RunSpec, prepared: Prepared, a: PartResult, b: PartResult) -> xr.Dataset:
+    """FRC of the two half objects (complex) over the scanned interior."""
+    started = time.perf_counter()
+    y0, y1, x0, x1 = prepared.interior
+    images = []
+    for part in ("half_a", "half_b"):
+        obj = store.open_run(spec.store, spec.run_id, part)["object"].load()
+        images.append(obj.isel(y=slice(y0, y1), x=slice(x0, x1)))
+    out = evaluate.frc(images[0], images[1])
+    out.attrs.update(
+        {
+            "image": FRC_IMAGE,
+            "interior_px": [y0, y1, x0, x1],
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    return out
+
+
+def write_task(
+    spec: RunSpec,
+    prepared: Prepared | Failed,
+    full: PartResult | Failed,
+    half_a: PartResult | Failed | None,
+    half_b: PartResult | Failed | None,
+    frc_ds: xr.Dataset | Failed | None,
+) -> RunOutcome:
+    """Write the run's results and figures, then mark it complete (or record its failure)."""
+    for item in (prepared, full, half_a, half_b, frc_ds):
+        if isinstance(item, Failed):
+            recorded = record_failure(spec, item.stage, item.reason)
+            return RunOutcome(
+                store=spec.store,
+                run_id=spec.run_id,
+                status="failed",
+                reason=item.reason,
+                stage=item.stage,
+                recorded=recorded,
+                label=spec.label,
+            )
+    assert isinstance(prepared, Prepared) and isinstance(full, PartResult)
+    try:
+        with _in_task_dask():
+            return _write_results(spec, prepared, full, half_a, half_b, frc_ds)
+    except InputError as exc:
+        recorded = record_failure(spec, "write", _reason(exc))
+        return RunOutcome(
+            spec.store,
+            spec.run_id,
+            "failed",
+            reason=_reason(exc),
+            stage="write",
+            recorded=recorded,
+            label=spec.label,
+        )
+
+
+def _write_results(
+    spec: RunSpec,
+    prepared: Prepared,
+    full: PartResult,
+    half_a: PartResult | None,
+    half_b: PartResult | None,
+    frc_ds: xr.Dataset | None,
+) -> RunOutcome:
+    from pipeline import figures
+    from pipeline.reconstruct import remove_checkpoints
+
+    started = time.perf_counter()
+    parts = [p for p in (full, half_a, half_b) if isinstance(p, PartResult)]
+    attrs: dict[str, Any] = dict(full.attrs)
+    attrs.update(
+        {
+            "run_id": spec.run_id,
+            "created_by": "ptyinr run/scan (pipeline.graph)",
+            "label": dict(spec.label),
+            "frc_requested": bool(spec.frc),
+            "versions": _versions(full.attrs.get("versions")),
+            "workers": {p.part: p.worker for p in parts},
+        }
+    )
+    job_ids = sorted({p.slurm_job_id for p in parts if p.slurm_job_id})
+    if job_ids:
+        attrs["slurm_job_ids"] = job_ids
+    if prepared.preprocess is not None:
+        attrs["preprocess"] = prepared.preprocess
+    resolution = math.nan
+    unit = None
+    resolved = False
+    pixel = math.nan
+    if frc_ds is not None:
+        fa = frc_ds.attrs
+        resolution = _float(fa.get("resolution"))
+        unit = fa.get("unit")
+        resolved = bool(fa.get("resolved_to_nyquist", False))
+        pixel = _float(fa.get("pixel_size"))
+        halves = prepared.halves or (np.array([]), np.array([]))
+        attrs.update(
+            {
+                # names as evaluate.frc gives them, so `ptyinr show` reads them too
+                "resolution": resolution,
+                "resolution_unit": unit,
+                "resolution_full_period": _float(fa.get("resolution_full_period")),
+                "resolution_spatial_frequency": _float(fa.get("resolution_spatial_frequency")),
+                "resolution_convention": fa.get("resolution_convention"),
+                "resolution_note": fa.get("resolution_note"),
+                "resolved_to_nyquist": resolved,
+                "frequency_unit": fa.get("frequency_unit"),
+                "pixel_size": pixel,
+                "frc": dict(fa),
+                "half_split": {
+                    "kind": prepared.split_kind,
+                    "n_half_a": len(halves[0]),
+                    "n_half_b": len(halves[1]),
+                    "seeds": {
+                        k: prepared.config.train.seed + v for k, v in HALF_SEED_OFFSETS.items()
+                    },
+                },
+            }
+        )
+    timings: dict[str, Any] = {"prepare_seconds": prepared.seconds}
+    if prepared.preprocess is not None:
+        timings["preprocess_seconds"] = prepared.preprocess.get("seconds")
+    for p in parts:
+        timings[p.part] = {"wall_seconds": p.wall_seconds, "train_seconds": p.train_seconds}
+    if frc_ds is not None:
+        timings["frc_seconds"] = frc_ds.attrs.get("seconds")
+    attrs["timings"] = timings
+
+    results = xr.Dataset()
+    if frc_ds is not None:
+        results = frc_ds[["frc", "half_bit_threshold", "n_pixels"]].copy()
+        results.attrs = {}
+    store.write_run(spec.store, spec.run_id, results, attrs=attrs)
+
+    outdir = spec.figures
+    written: list[str] = []
+    figure_error = None
+    try:
+        run = store.open_run(spec.store, spec.run_id).load()
+        title = spec.store.name.removesuffix(".zarr")  # the run id is the folder's name
+        paths = figures.save_object_figures(run["object"], outdir, title=title)
+        paths += figures.save_probe_figure(run["probe"], outdir, title=title)
+        paths += figures.save_loss_figure(run["loss"], outdir, title=title)
+        if frc_ds is not None:
+            paths += figures.save_frc_figure(frc_ds, outdir, title=title)
+        written = [p.name for p in paths]
+    except (InputError, OSError, ValueError) as exc:  # the results stand without pictures
+        figure_error = _reason(exc)
+    timings["write_seconds"] = time.perf_counter() - started
+    total = time.time() - prepared.started
+    timings["total_seconds"] = total
+    final = {
+        "timings": timings,
+        "figures_dir": str(outdir),
+        "figures": written,
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    if figure_error:
+        final["figures_error"] = figure_error
+    store.mark_run(spec.store, spec.run_id, "complete", **final)  # LAST
+    remove_checkpoints(spec.store, spec.run_id)
+    return RunOutcome(
+        store=spec.store,
+        run_id=spec.run_id,
+        status="complete",
+        reason=figure_error,
+        resolution=resolution,
+        resolution_unit=unit,
+        resolved_to_nyquist=resolved,
+        pixel_size=pixel,
+        final_loss=full.final_loss,
+        wall_seconds=total,
+        figures_dir=str(outdir),
+        label=spec.label,
+    )
+
+
+def record_failure(spec: RunSpec, stage: str, reason: str) -> bool:
+    """Record `status = "failed"` and the reason in a writable scan store; False otherwise.
+
+    Nothing is written into a path that is not a valid scan store (it may be somebody else's).
+    """
+    try:
+        with _in_task_dask():
+            store.open_scan_store(spec.store)
+        if not _run_exists(spec.store, spec.run_id):
+            attrs = {"config": spec.config.model_dump(), "run_id": spec.run_id}
+            _begin_run_group(spec.store, spec.run_id, attrs)
+        store.mark_run(
+            spec.store,
+            spec.run_id,
+            "failed",
+            reason=reason,
+            failed_stage=stage,
+            label=dict(spec.label),
+        )
+        return True
+    except Exception:  # read-only, corrupt, vanished: the summary still has the reason
+        return False
+
+
+def outcome_from_attrs(path: Path, attrs: dict[str, Any], status: str | None = None) -> RunOutcome:
+    """A `RunOutcome` from a run's stored attrs (runs completed earlier, `ptyinr results`)."""
+    timings = attrs.get("timings") or {}
+    label = attrs.get("label") or {}
+    return RunOutcome(
+        store=Path(path),
+        run_id=str(attrs.get("run_id")),
+        status=status or str(attrs.get("status", "unknown")),
+        reason=attrs.get("reason"),
+        stage=attrs.get("failed_stage"),
+        resolution=_float(attrs.get("resolution")),
+        resolution_unit=attrs.get("resolution_unit"),
+        resolved_to_nyquist=bool(attrs.get("resolved_to_nyquist", False)),
+        pixel_size=_float(attrs.get("pixel_size")),
+        final_loss=_float(attrs.get("final_loss")),
+        wall_seconds=_float(timings.get("total_seconds") if isinstance(timings, dict) else None),
+        figures_dir=attrs.get("figures_dir"),
+        label=tuple(label.items()) if isinstance(label, dict) else (),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the driver (runs in the client process)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunHandle:
+    """One run in the driver: its futures by stage, and its outcome once known.
+
+    The graph is submitted in two steps: (preprocess ->) prepare at once; the three
+    reconstructions, FRC and write when prepare has finished (`advance`), with the prepared
+    value as a plain argument. A future argument would pin all three reconstructions to the
+    worker holding it (Dask schedules for data locality, and work stealing corrects that
+    only after a while); plain arguments let the scheduler spread them over idle workers.
+    """
+
+    spec: RunSpec
+    client: Any = None
+    retries: int = DEFAULT_RETRIES
+    resources: dict[str, float] | None = None
+    futures: dict[str, Any] = field(default_factory=dict)
+    skipped: RunOutcome | None = None
+    outcome: RunOutcome | None = None
+
+    @property
+    def expected_tasks(self) -> int:
+        """Tasks of this run when fully submitted (a shared preprocess counts in each run)."""
+        if self.skipped is not None:
+            return 0
+        parts = 3 if self.spec.frc else 1
+        return 1 + parts + (1 if self.spec.frc else 0) + 1 + (1 if self.spec.preprocess else 0)
+
+    def submit(self, stage: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        key = f"{_STAGE_KEYS[stage]}-{uuid.uuid4().hex}"
+        future = self.client.submit(fn, *args, key=key, retries=self.retries, **kw)
+        self.futures[stage] = future
+        return future
+
+    def advance(self) -> None:
+        """Submit what can be submitted, and settle the outcome when the run is over."""
+        if self.outcome is not None:
+            return
+        prepare = self.futures["prepare"]
+        if "write" in self.futures:
+            if self.futures["write"].done():
+                self.outcome = _outcome_of(self)
+            return
+        if not prepare.done():
+            return
+        if prepare.status != "finished":
+            self.outcome = _outcome_of(self)
+            return
+        prepared = prepare.result()
+        spec = self.spec
+        if isinstance(prepared, Failed):
+            self.submit("write", write_task, spec, prepared, prepared, None, None, None)
+            return
+        for part in PARTS if spec.frc else ("full",):
+            self.submit(part, reconstruct_task, spec, prepared, part, resources=self.resources)
+        frc = None
+        if spec.frc:
+            frc = self.submit(
+                "frc", frc_task, spec, prepared, self.futures["half_a"], self.futures["half_b"]
+            )
+        self.submit(
+            "write",
+            write_task,
+            spec,
+            prepared,
+            self.futures["full"],
+            self.futures.get("half_a"),
+            self.futures.get("half_b"),
+            frc,
+        )
+
+
+def _completed_before(spec: RunSpec) -> RunOutcome | None:
+    """The stored outcome when this run id is already complete in the store."""
+    try:
+        runs = store.list_runs(spec.store)
+    except Exception:
+        return None
+    for run in runs:
+        if run["run_id"] == spec.run_id and run["status"] == "complete":
+            out = outcome_from_attrs(spec.store, run, status="skipped")
+            out.label = spec.label or out.label
+            return out
+    return None
+
+
+def submit_runs(
+    client: Any, specs: Sequence[RunSpec], *, retries: int = DEFAULT_RETRIES
+) -> list[RunHandle]:
+    """Start every run (preprocess and prepare tasks); `collect` submits the rest and waits.
+
+    Runs already complete in their store are skipped unless `force`. Reconstructions will
+    ask for `task_resources(client)` (one GPU when workers have GPUs); one preprocess task
+    per store serves all runs on it. Store paths are made absolute, so workers started
+    elsewhere find them.
+    """
+    resources = task_resources(client) or None
+    handles: list[RunHandle] = []
+    preprocessed: dict[tuple[Path, str], Any] = {}
+    for spec in specs:
+        spec = dataclasses.replace(spec, store=Path(spec.store).expanduser().resolve())
+        if spec.figures_dir is not None:
+            spec = dataclasses.replace(spec, figures_dir=Path(spec.figures_dir).resolve())
+        handle = RunHandle(spec, client=client, retries=retries, resources=resources)
+        handles.append(handle)
+        if not spec.force:
+            handle.skipped = _completed_before(spec)
+            if handle.skipped is not None:
+                handle.outcome = handle.skipped
+                continue
+        pre = None
+        if spec.preprocess is not None:
+            token = (spec.store, repr(spec.preprocess))
+            if token not in preprocessed:
+                preprocessed[token] = handle.submit(
+                    "preprocess", preprocess_task, spec.store, spec.preprocess
+                )
+            pre = handle.futures["preprocess"] = preprocessed[token]
+        handle.submit("prepare", prepare_task, spec, pre)
+    return handles
+
+
+def _outcome_of(handle: RunHandle) -> RunOutcome:
+    """The outcome of a finished run; an erred task becomes a failure, recorded if possible."""
+    fut = handle.futures.get("write")
+    if fut is not None and fut.status == "finished":
+        return fut.result()
+    spec = handle.spec
+    stage, reason = "write", "task did not finish"
+    for name in STAGES:
+        f = handle.futures.get(name)
+        if f is not None and f.status in ("error", "cancelled", "lost"):
+            stage = name
+            exc = f.exception() if f.status == "error" else None
+            reason = _reason(exc) if exc is not None else f"task {f.status}"
+            if type(exc).__name__ == "KilledWorker":
+                reason += " (workers died repeatedly running it: out of memory?)"
+            break
+    recorded = record_failure(spec, stage, reason)
+    return RunOutcome(
+        spec.store,
+        spec.run_id,
+        "failed",
+        reason=reason,
+        stage=stage,
+        recorded=recorded,
+        label=spec.label,
+    )
+
+
+def _all_futures(handles: Sequence[RunHandle]) -> list[Any]:
+    return list({f.key: f for h in handles for f in h.futures.values()}.values())
+
+
+def collect(
+    client: Any,
+    handles: Sequence[RunHandle],
+    *,
+    console: Any | None = None,
+    poll_seconds: float = 0.2,
+) -> list[RunOutcome]:
+    """Drive every run to its end, showing one live display when `console` (a rich Console)
+    is given. Returns the outcomes in the order of `handles`. On KeyboardInterrupt the
+    remaining tasks are cancelled (their runs stay visibly "running" in the stores)."""
+    total = sum(h.expected_tasks for h in handles)
+    display = _Display(console, handles, total) if console is not None else None
+    try:
+        with display if display is not None else contextlib.nullcontext():
+            while True:
+                for h in handles:
+                    before = h.outcome
+                    h.advance()
+                    if before is None and h.outcome is not None and display is not None:
+                        display.finished(h)
+                if all(h.outcome is not None for h in handles):
+                    break
+                if display is not None:
+                    display.refresh(client, _all_futures(handles))
+                time.sleep(poll_seconds)
+            if display is not None:
+                display.refresh(client, _all_futures(handles))
+    except KeyboardInterrupt:
+        client.cancel(_all_futures(handles))
+        raise
+    return [h.outcome for h in handles if h.outcome is not None]
+
+
+def run_graph(
+    client: Any,
+    specs: Sequence[RunSpec],
+    *,
+    retries: int = DEFAULT_RETRIES,
+    console: Any | None = None,
+) -> list[RunOutcome]:
+    """Submit every run and wait for them: `collect(client, submit_runs(client, specs))`."""
+    return collect(client, submit_runs(client, specs, retries=retries), console=console)
+
+
+# --------------------------------------------------------------------------------------------
+# progress display
+# --------------------------------------------------------------------------------------------
+
+
+_PART_NAMES = {"full": "full", "half_a": "half A", "half_b": "half B"}
+
+
+class _Display:
+    """One rich live view: tasks done / total, and the state of each run."""
+
+    MAX_ROWS = 16
+
+    def __init__(self, console: Any, handles: Sequence[RunHandle], n_tasks: int) -> None:
+        from rich.live import Live
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console
+        self.handles = handles
+        self.progress = Progress(
+            TextColumn("[bold]tasks"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[runs]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        skipped = sum(h.skipped is not None for h in handles)
+        self.task = self.progress.add_task("tasks", total=max(n_tasks, 1), runs="")
+        self.live = Live(self._render({}), console=console, refresh_per_second=4, transient=False)
+        if skipped:
+            console.print(f"{skipped} run(s) already complete: skipped (--force reruns them)")
+
+    def __enter__(self) -> _Display:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.__exit__(*exc)
+        if not self.console.is_terminal:
+            self.console.line()  # the last render of a non-terminal Live ends mid-line
+
+    def _state(self, h: RunHandle, running: set[str]) -> str:
+        if h.outcome is not None:
+            o = h.outcome
+            if o.status == "failed":
+                return f"[red]failed[/] at {o.stage}"
+            return "[green]complete[/]" if o.status == "complete" else "[dim]skipped (complete)"
+        active = [s for s, f in h.futures.items() if f.key in running]
+        parts = [_PART_NAMES[s] for s in active if s in PARTS]
+        if parts:
+            return "reconstructing " + ", ".join(parts)
+        if active:
+            return {"preprocess": "preprocessing", "prepare": "preparing", "frc": "FRC"}.get(
+                active[0], "writing results"
+            )
+        done = sum(f.done() for f in h.futures.values())
+        return "waiting" if done else "queued"
+
+    def _render(self, states: dict[int, str]) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+        table.add_column("store")
+        table.add_column("run")
+        table.add_column("state")
+        order = sorted(
+            range(len(self.handles)),
+            key=lambda i: (
+                0 if "reconstructing" in states.get(i, "") else 1,
+                0 if "failed" in states.get(i, "") else 1,
+                i,
+            ),
+        )
+        for i in order[: self.MAX_ROWS]:
+            h = self.handles[i]
+            label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in h.spec.label)
+            table.add_row(h.spec.store.name, f"{h.spec.run_id} {label}".strip(), states.get(i, ""))
+        if len(self.handles) > self.MAX_ROWS:
+            table.add_row("...", f"{len(self.handles) - self.MAX_ROWS} more runs", "")
+        return Group(self.progress, table)
+
+    def refresh(self, client: Any, futures: Sequence[Any]) -> None:
+        try:
+            running = {k for keys in client.processing().values() for k in keys}
+        except Exception:  # the display must never stop the run
+            running = set()
+        states = {i: self._state(h, running) for i, h in enumerate(self.handles)}
+        done = sum(
+            h.expected_tasks if h.outcome else sum(f.done() for f in h.futures.values())
+            for h in self.handles
+        )
+        finished = [h.outcome for h in self.handles if h.outcome is not None]
+        failed = sum(o.status == "failed" for o in finished)
+        runs = f"runs {len(finished)}/{len(self.handles)} done" + (
+            f", {failed} failed" if failed else ""
+        )
+        self.progress.update(self.task, completed=done, runs=runs)
+        self.live.update(self._render(states))
+
+    def finished(self, h: RunHandle) -> None:
+        from rich.markup import escape
+
+        o = h.outcome
+        if o is None or o.status == "skipped":
+            return
+        name = f"{h.spec.store.name} {h.spec.run_id}"
+        if o.status == "failed":
+            reason = escape(o.reason or "")
+            self.console.print(f"[red]failed[/] {name} at {o.stage}: {reason}", highlight=False)
+        else:
+            self.console.print(
+                f"[green]complete[/] {name}: resolution {format_resolution(o)}, "
+                f"final loss {o.final_loss:.3g}, {o.wall_seconds:.1f} s",
+                highlight=False,
+            )
+
+
+def format_resolution(o: RunOutcome) -> str:
+    """'12.3 nm', '2.1 px', '<= 8.3 nm (Nyquist)', or '-'."""
+    if math.isfinite(o.resolution):
+        return _format_length(o.resolution, o.resolution_unit)
+    if o.resolved_to_nyquist and math.isfinite(o.pixel_size):
+        return f"<= {_format_length(o.pixel_size, o.resolution_unit)} (Nyquist)"
+    return "-"
+
+
+def _format_length(value: float, unit: str | None) -> str:
+    if unit != "m":
+        return f"{value:.3g} px"
+    for name, factor in (("nm", 1e9), ("µm", 1e6), ("mm", 1e3)):
+        if value * factor < 2000 or name == "mm":
+            return f"{value * factor:.3g} {name}"
+    return f"{value:.3g} m"  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# scans: summary over datasets x grid
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_names(stores: Sequence[Path]) -> list[str]:
+    """Short unique names: the store stems, or the full paths when stems collide."""
+    stems = [Path(s).name.removesuffix(".zarr") for s in stores]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [str(s) for s in stores]
+
+
+def _effective_resolution(o: RunOutcome) -> float:
+    """Resolution for ranking: resolved to Nyquist counts as the pixel size."""
+    if not o.ok:
+        return math.nan
+    if math.isfinite(o.resolution):
+        return o.resolution
+    if o.resolved_to_nyquist:
+        return o.pixel_size
+    return math.nan
+
+
+def best_per_dataset(outcomes: Sequence[RunOutcome]) -> set[int]:
+    """Indices of the best run of each store: finest FRC resolution; ties / no resolution ->
+    lowest final loss. Failed runs are never best."""
+    by_store: dict[Path, list[int]] = {}
+    for i, o in enumerate(outcomes):
+        by_store.setdefault(Path(o.store), []).append(i)
+    best: set[int] = set()
+    for indices in by_store.values():
+        ok = [i for i in indices if outcomes[i].ok]
+        res = {i: _effective_resolution(outcomes[i]) for i in ok}
+        finite = [i for i in ok if math.isfinite(res[i])]
+        if finite:
+            top = min(res[i] for i in finite)
+            pool = [i for i in finite if math.isclose(res[i], top, rel_tol=1e-6)]
+        else:
+            pool = ok
+        if not pool:
+            continue
+
+        def loss_key(i: int) -> tuple[bool, float]:
+            loss = outcomes[i].final_loss
+            return (not math.isfinite(loss), loss if math.isfinite(loss) else 0.0)
+
+        best.add(min(pool, key=loss_key))
+    return best
+
+
+def scan_summary(
+    outcomes: Sequence[RunOutcome],
+    stores: Sequence[Path],
+    grid: Sequence[tuple[str, Sequence[Any]]],
+) -> xr.Dataset:
+    """The scan as an xarray Dataset over (dataset, one dim per grid key).
+
+    Variables: resolution (half-period, metres or px, see resolution_unit), resolved_to_nyquist,
+    final_loss, wall_seconds, status (complete | skipped | failed), reason, run_id, best (the
+    best configuration of each dataset, see `best_per_dataset`).
+    """
+    stores = [Path(s).expanduser().resolve() for s in stores]
+    names = dataset_names(stores)
+    keys = [k for k, _ in grid]
+    shape = (len(stores), *[len(v) for _, v in grid])
+    dims = ("dataset", *keys)
+    num = {k: np.full(shape, np.nan) for k in ("resolution", "final_loss", "wall_seconds")}
+    text = {k: np.full(shape, "", dtype=object) for k in ("status", "reason", "run_id", "unit")}
+    text["status"][...] = "missing"
+    flags = {k: np.zeros(shape, bool) for k in ("resolved_to_nyquist", "best")}
+    best = best_per_dataset(outcomes)
+    for i, o in enumerate(outcomes):
+        label = dict(o.label)
+        try:
+            index = (
+                stores.index(Path(o.store).resolve()),
+                *[list(values).index(label[k]) for k, values in grid],
+            )
+        except (ValueError, KeyError):
+            continue  # not part of this scan's grid
+        num["resolution"][index] = o.resolution
+        num["final_loss"][index] = o.final_loss
+        num["wall_seconds"][index] = o.wall_seconds
+        text["status"][index] = o.status
+        text["reason"][index] = o.reason or ""
+        text["run_id"][index] = o.run_id
+        text["unit"][index] = o.resolution_unit or ""
+        flags["resolved_to_nyquist"][index] = o.resolved_to_nyquist
+        flags["best"][index] = i in best
+    units = {u for u in text["unit"].ravel() if u}
+    res_unit = units.pop() if len(units) == 1 else "see resolution_unit"
+    coords: dict[str, Any] = {
+        "dataset": ("dataset", np.array(names, dtype=object)),
+        "store": ("dataset", np.array([str(s) for s in stores], dtype=object)),
+    }
+    for k, values in grid:
+        arr = np.asarray(list(values))
+        coords[k] = (k, arr.astype(object) if arr.dtype.kind in "USO" else arr)
+    ds = xr.Dataset(
+        {
+            "resolution": (
+                dims,
+                num["resolution"],
+                {"units": res_unit, "long_name": "FRC resolution (half-period, half-bit)"},
+            ),
+            "resolution_unit": (dims, text["unit"]),
+            "resolved_to_nyquist": (dims, flags["resolved_to_nyquist"]),
+            "final_loss": (dims, num["final_loss"], {"long_name": "final training loss"}),
+            "wall_seconds": (dims, num["wall_seconds"], {"units": "s", "long_name": "run time"}),
+            "status": (dims, text["status"]),
+            "reason": (dims, text["reason"]),
+            "run_id": (dims, text["run_id"]),
+            "best": (dims, flags["best"], {"long_name": "best configuration of the dataset"}),
+        },
+        coords=coords,
+        attrs={
+            "grid": json.dumps({k: store.json_safe(list(v)) for k, v in grid}),
+            "best_rule": "finest FRC resolution; ties or no resolution: lowest final loss",
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+    )
+    return ds
+
+
+def save_summary(summary: xr.Dataset, out_dir: Path) -> dict[str, Path]:
+    """Write summary.zarr (Zarr v3) and summary.csv (one row per run) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    zarr_path = out_dir / "summary.zarr"
+    summary.to_zarr(zarr_path, mode="w", consolidated=False, zarr_format=3)
+    csv_path = out_dir / "summary.csv"
+    frame = summary.to_dataframe().reset_index()
+    frame.to_csv(csv_path, index=False)
+    return {"zarr": zarr_path, "csv": csv_path}
+
+
+def iter_grid(grid: Sequence[tuple[str, Sequence[Any]]]) -> Iterator[tuple[tuple[str, Any], ...]]:
+    """Every point of the cartesian product of the grid, as ((key, value), ...)."""
+    import itertools
+
+    keys = [k for k, _ in grid]
+    for values in itertools.product(*[list(v) for _, v in grid]):
+        yield tuple(zip(keys, values, strict=True))
