@@ -172,6 +172,7 @@ class PartResult:
     wall_seconds: float
     worker: str | None
     slurm_job_id: str | None
+    resumed_from_epoch: int = 0  # > 0: continued from a checkpoint of an interrupted attempt
 
 
 @dataclass
@@ -411,7 +412,7 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
 @_stage("part")
 def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult:
     """One reconstruction on the shared grid, written to its own part of the run group."""
-    from pipeline.reconstruct import load_scan, reconstruct_store, run_attrs
+    from pipeline.reconstruct import checkpoint_path, load_scan, reconstruct_store, run_attrs
 
     started = time.perf_counter()
     cfg = prepared.config
@@ -429,6 +430,7 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
             f"{prepared.n_positions} of {prepared.frame_shape} when the run was prepared; "
             "expected the store not to change during a run"
         )
+    resumed = _checkpoint_epoch(checkpoint_path(spec.store, spec.run_id, part), cfg)
     positions = loaded.data.positions_px if indices is None else loaded.data.positions_px[indices]
     geometry = ScanGeometry.from_positions(
         positions,
@@ -460,7 +462,20 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
         wall_seconds=time.perf_counter() - started,
         worker=_worker_address(),
         slurm_job_id=current_slurm_job_id(),
+        resumed_from_epoch=resumed,
     )
+
+
+def _checkpoint_epoch(path: Path, cfg: ReconstructionConfig) -> int:
+    """Epoch of the checkpoint the trainer will resume from (0: none, or checkpoints off)."""
+    if not cfg.train.checkpoint_every or not path.is_file():
+        return 0
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:  # unreadable: the trainer reports it with the path
+        return 0
 
 
 @_stage("frc")
@@ -545,6 +560,9 @@ def _write_results(
             "workers": {p.part: p.worker for p in parts},
         }
     )
+    resumed = {p.part: p.resumed_from_epoch for p in parts if p.resumed_from_epoch}
+    if resumed:
+        attrs["resumed_from_epoch"] = resumed  # part -> epoch its checkpoint had reached
     job_ids = sorted({p.slurm_job_id for p in parts if p.slurm_job_id})
     if job_ids:
         attrs["slurm_job_ids"] = job_ids

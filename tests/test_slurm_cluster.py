@@ -145,30 +145,6 @@ def test_status_and_cancel_driver_with_its_workers(tmp_path: Path) -> None:
         subprocess.run(["scancel", driver_id, worker, unrelated], check=False)
 
 
-def test_cli_submit_prints_job_id_and_log(tmp_path: Path) -> None:
-    """`ptyinr submit` end to end; the command fails fast (no such run option) but ran."""
-    from cli.main import app
-
-    log_dir = tmp_path / "logs"
-    result = CliRunner().invoke(
-        app,
-        ["submit", "run", "--profile", "local-test", "--log-dir", str(log_dir),
-         "--workdir", str(tmp_path), "--job-name", "clitest", "--", "--version-of-nothing"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    words = result.output.split()
-    job_id = words[words.index("job") + 1]
-    assert job_id.isdigit()
-    log_path = log_dir / f"ptyinr-clitest-{job_id}.log"
-    assert str(log_path) in result.output.replace("\n", "")
-    state = wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
-    assert state in {"COMPLETED", "FAILED"}
-    text = log_path.read_text()
-    assert f"ptyinr driver: job {job_id}" in text
-    # the driver ran `python -m cli.main run --version-of-nothing --cluster slurm:local-test`
-    assert "--version-of-nothing" in text or "No such" in text
-
-
 DRIVER = """\
 import time
 from pipeline.cluster import connect, slurm_job_ids
