@@ -288,17 +288,26 @@ def create_scan_store(
             ds.to_zarr(tmp, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
         if final_attrs is not None:
             zarr.open_group(str(tmp), mode="r+").attrs.update(json_safe(final_attrs()))
-        if path.exists():
-            old = _hidden_sibling(path, "old")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Make a completely written directory `tmp` appear at `path`, replacing what was there.
+
+    The old content is moved aside first and deleted only after the new one is in place, so
+    at every moment `path` is either the old complete store or the new complete one.
+    """
+    if path.exists():
+        old = _hidden_sibling(path, "old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
 
 
 def _zarr_root(path: Path) -> zarr.Group:

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.errors import StoreError
+from pipeline.store import move_into_place
 
 CATALOG_NAME = "catalog.zarr"
 TEXT_COLUMNS = (
@@ -86,13 +87,7 @@ def write_catalog(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> Path
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         ds.to_zarr(tmp, mode="w-", consolidated=False, zarr_format=3)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
