@@ -24,6 +24,7 @@ import xarray as xr
 from pipeline import evaluate, store
 from pipeline.config import ReconstructionConfig
 from pipeline.errors import InputError
+from pipeline.memory import StoreFrames
 from pipeline.physics import ScanGeometry
 from pipeline.train import Reconstruction, ScanData, Trainer
 
@@ -45,14 +46,20 @@ class LoadedScan:
     source: str
 
 
-def load_scan(path: str | Path, config: ReconstructionConfig) -> LoadedScan:
-    """Open and validate a store, and bring the configured frames into memory."""
+def load_scan(path: str | Path, config: ReconstructionConfig, lazy: bool = False) -> LoadedScan:
+    """Open and validate a store, and bring the configured frames into memory (`lazy`: leave
+    them in the store, read on demand: the trainer streams or loads them, pipeline.memory)."""
     path = Path(path)
     ds = store.open_scan_store(path)
     source = config.data.source
     if source == "auto":
         source = "preprocessed" if "preprocessed" in ds else "intensities"
-    frames = store.load_frames(ds, source=source)
+    if lazy:
+        if source not in ds:
+            store.load_frames(ds, source=source, indices=[])  # its error names the problem
+        frames: Any = StoreFrames(str(path), source)
+    else:
+        frames = store.load_frames(ds, source=source)
     frame_shape = (int(frames.shape[1]), int(frames.shape[2]))
     positions = store.positions_px(ds, frame_shape)
     pixel = store.object_pixel_size(ds, frame_shape)
@@ -127,24 +134,43 @@ def reconstruct_store(
     progress: bool = True,
     mark_complete: bool = True,
     loaded: LoadedScan | None = None,
+    world_size: int = 1,
+    client: Any = None,
 ) -> tuple[str, Reconstruction]:
     """Reconstruct a store (or a subset of its positions) and write the run group.
 
     With `subgroup` (e.g. FRC halves) the result goes to `reconstructions/<run_id>/<subgroup>`
-    and the caller marks the run complete when all its parts are written.
+    and the caller marks the run complete when all its parts are written. `world_size` > 1
+    trains data-parallel (pipeline.parallel): on that many Dask workers of `client` when given,
+    else in local processes (one GPU each when train.device is CUDA).
     """
     started = time.perf_counter()
-    loaded = loaded or load_scan(path, config)
+    loaded = loaded or load_scan(path, config, lazy=world_size > 1 or client is not None)
     run_id = run_id or new_run_id()
     data = loaded.data if indices is None else loaded.data.subset(np.asarray(indices))
     part = subgroup or "full"
     ckpt = checkpoint_path(loaded.path, run_id, part)
-    trainer = Trainer(data, config, known_probe=known_probe, geometry=geometry)
-    result = trainer.fit(
-        checkpoint_path=ckpt if config.train.checkpoint_every else None,
-        progress=progress,
-        description=f"{loaded.path.name} {part}",
-    )
+    if world_size > 1 or client is not None:
+        from pipeline import parallel
+
+        result = parallel.fit_parallel(
+            data,
+            config,
+            world_size,
+            client=client,
+            known_probe=known_probe,
+            geometry=geometry,
+            checkpoint_path=ckpt if config.train.checkpoint_every else None,
+            progress=progress,
+            description=f"{loaded.path.name} {part}",
+        )
+    else:
+        trainer = Trainer(data, config, known_probe=known_probe, geometry=geometry)
+        result = trainer.fit(
+            checkpoint_path=ckpt if config.train.checkpoint_every else None,
+            progress=progress,
+            description=f"{loaded.path.name} {part}",
+        )
     scores = quality(result, loaded.dataset) if subgroup is None else {}
     result.info["quality"] = scores
     result.info["wall_seconds"] = time.perf_counter() - started

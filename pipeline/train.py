@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import xarray as xr
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn import functional
 
-from pipeline import __version__
+from pipeline import __version__, memory
 from pipeline.config import ReconstructionConfig
 from pipeline.errors import InputError, ReconstructionFailed
 from pipeline.models.fields import (
@@ -38,6 +38,9 @@ from pipeline.models.fields import (
     probe_guess_from_patterns,
 )
 from pipeline.physics import ScanGeometry, far_field_intensity, fourier_shift
+
+if TYPE_CHECKING:
+    from pipeline.parallel import ParallelContext
 
 SCALE_LR = 1e-3  # learning rate of the probe's global log-scale (one scalar)
 
@@ -65,6 +68,11 @@ class ScanData:
             raise InputError(
                 f"positions: shape {self.positions_px.shape}, expected "
                 f"({self.intensities.shape[0]}, 2) to match the frames"
+            )
+        if self.bad_pixels is not None and np.shape(self.bad_pixels) != self.intensities.shape[1:]:
+            raise InputError(
+                f"bad-pixel mask: shape {np.shape(self.bad_pixels)}, expected the frame shape "
+                f"{tuple(self.intensities.shape[1:])}"
             )
 
     @property
@@ -144,9 +152,11 @@ class Trainer:
         *,
         known_probe: np.ndarray | None = None,
         geometry: ScanGeometry | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
         self.config = config
         self.data = data
+        self.parallel = parallel  # data-parallel rank (pipeline.parallel); None: one process
         train = config.train
         if train.threads > 0:
             torch.set_num_threads(train.threads)
@@ -163,11 +173,32 @@ class Trainer:
                 "(the diffraction frame shape)"
             )
         torch.manual_seed(train.seed)
-        intensities = np.asarray(data.intensities, dtype=np.float32)
-        self.intensity_scale = float(max(intensities.max(), 1e-30))
-        self.measured_amplitude = torch.as_tensor(
-            np.sqrt(np.clip(intensities, 0, None) / self.intensity_scale), device=self.device
+        if parallel is not None:
+            parallel.bind(self.geometry)
+        # object tiles and streamed frames, chosen to fit the device (pipeline.plan)
+        self.runtime = memory.runtime_for(
+            data, config, self.geometry, self.device, known_probe is not None, parallel
         )
+        self.stream: memory.FrameStream | None = None
+        intensities: np.ndarray | None = None
+        if self.runtime.stream:  # bad pixels are zeroed by the stream as below
+            self.stream = memory.open_stream(data, config, self.device, parallel)
+            self.intensity_scale = self.stream.scale
+            self.measured_amplitude = None
+        else:
+            intensities = memory.materialize(data.intensities)
+            if data.bad_pixels is not None:
+                # Bad pixels carry no information: keep a hot or dead pixel out of the intensity
+                # scale, the probe-scale start and the data-derived probe guess (the loss masks
+                # them).
+                bad = np.asarray(data.bad_pixels, bool)
+                intensities = np.where(bad, np.float32(0), intensities)
+            self.intensity_scale = float(max(intensities.max(), 1e-30))
+            amplitude = np.clip(intensities, 0, None)  # in place from here: one temporary
+            amplitude /= self.intensity_scale
+            self.measured_amplitude = torch.as_tensor(
+                np.sqrt(amplitude, out=amplitude), device=self.device
+            )
         self.valid = (
             None
             if data.bad_pixels is None
@@ -181,7 +212,10 @@ class Trainer:
 
         initial_probe = None
         if known_probe is None and config.model.probe_init == "data":
-            initial_probe = probe_guess_from_patterns(intensities.mean(axis=0))
+            mean = intensities.mean(axis=0) if intensities is not None else None
+            initial_probe = probe_guess_from_patterns(
+                mean if mean is not None else self.stream.mean_pattern  # type: ignore[union-attr]
+            )
         self.object: ObjectField = build_object_field(self.geometry.object_shape, config.model).to(
             self.device
         )
@@ -200,6 +234,12 @@ class Trainer:
         if probe_params:
             groups.append({"params": probe_params, "lr": train.lr_probe})
         self.optimizer = torch.optim.Adam(groups)
+        self._parameters = [p for group in groups for p in group["params"]]
+        self.autocast_dtype = memory.prepare_object_field(
+            self.object, config.performance, self.device
+        )
+        if parallel is not None:
+            parallel.broadcast_parameters(self.object, self.probe)
         self.step = 0
         self.epoch = 0
         self.loss_history: list[float] = []
@@ -228,7 +268,13 @@ class Trainer:
     def predict(self, batch: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted intensities (B, Ny, Nx) and the mean normalised probe amplitude."""
         unique, inverse = self._pixels_of(batch, full)
-        patches = self.object.sample(unique)[inverse]
+        patches = memory.sample_object(
+            self.object,
+            unique,
+            self.runtime.tile_pixels,
+            self.autocast_dtype,
+            self.runtime.chunk_pixels,
+        )[inverse]
         probe, mean_amplitude = self.probe()
         if self.use_subpixel:
             probes = fourier_shift(probe, self.subpixel[batch])
@@ -239,43 +285,76 @@ class Trainer:
     @torch.no_grad()
     def _initialise_probe_scale(self) -> None:
         """Start with predicted frame energy equal to measured (object amplitude ~ 1)."""
-        measured_energy = float(self.measured_amplitude.square().sum(dim=(-2, -1)).mean())
+        if self.measured_amplitude is None:
+            measured_energy = self.stream.mean_energy  # type: ignore[union-attr]
+        else:
+            measured_energy = float(self.measured_amplitude.square().sum(dim=(-2, -1)).mean())
         probe_energy = float(self.probe.normalised().abs().square().sum())
-        sample = torch.unique(self._window_indices(torch.arange(self.geometry.n_positions)))
-        object_power = float(self.object.sample(sample).abs().square().mean())
+        positions = memory.spread_subset(self.geometry.n_positions, self.geometry.window_shape)
+        sample = memory.thin(torch.unique(self._window_indices(torch.as_tensor(positions))))
+        tile = self.runtime.tile_pixels or memory.NO_GRAD_CHUNK
+        object_power = float(memory.sample_object(self.object, sample, tile).abs().square().mean())
         ratio = measured_energy / max(probe_energy * object_power, 1e-30)
         self.probe.log_scale.fill_(0.5 * math.log(max(ratio, 1e-30)))
 
     # -- optimisation --------------------------------------------------------------------------
 
+    def _measured(self, batch: torch.Tensor, batch_indices: np.ndarray) -> torch.Tensor:
+        if self.stream is not None:
+            return self.stream.amplitude(batch_indices)
+        return self.measured_amplitude[batch]  # type: ignore[index]
+
     def train_step(self, batch_indices: np.ndarray, full: bool) -> float:
         train = self.config.train
+        share = 1.0
+        if self.parallel is not None:  # this rank's part of the global batch
+            batch_indices, share = self.parallel.shard(batch_indices)
         batch = torch.as_tensor(batch_indices, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        predicted, mean_probe_amplitude = self.predict(batch, full)
-        data_loss = smooth_l1_amplitude_loss(
-            predicted, self.measured_amplitude[batch], train.loss_beta, self.valid
-        )
-        loss = data_loss
         self.step += 1
-        if self.probe.kind != "fixed" and self.step <= train.probe_reg_steps:
-            loss = loss + train.probe_reg_lambda * mean_probe_amplitude
-        value = float(data_loss.detach())
+        regularise = self.probe.kind != "fixed" and self.step <= train.probe_reg_steps
+        if self.parallel is not None and len(batch_indices) == 0:
+            # a short last batch left this rank nothing (rank 0 always has positions)
+            loss = data_loss = torch.zeros((), device=self.device)
+        else:
+            predicted, mean_probe_amplitude = self.predict(batch, full)
+            data_loss = smooth_l1_amplitude_loss(
+                predicted, self._measured(batch, batch_indices), train.loss_beta, self.valid
+            )
+            if self.parallel is not None:  # local mean -> its share of the global mean
+                data_loss = data_loss * share
+            loss = data_loss
+            if regularise and (self.parallel is None or self.parallel.is_root):
+                loss = loss + train.probe_reg_lambda * mean_probe_amplitude
+        if self.parallel is None:
+            value = float(data_loss.detach())
+            self._check_finite(value)
+        if loss.requires_grad:
+            loss.backward()
+        if self.parallel is not None:  # sum gradients and loss over ranks
+            value = self.parallel.all_reduce(self._parameters, data_loss)
+            self._check_finite(value)
+        self.optimizer.step()
+        return value
+
+    def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
             raise ReconstructionFailed(
                 f"loss became {value} at step {self.step} (epoch {self.epoch + 1}); "
                 "try lower learning rates (train.lr_object / train.lr_probe)"
             )
-        loss.backward()
-        self.optimizer.step()
-        return value
 
     def run_epoch(self) -> float:
         train = self.config.train
         n = self.geometry.n_positions
         full = train.batch_size <= 0 or train.batch_size >= n
         losses, weights = [], []
-        for batch in batches(n, train.batch_size, train.seed, self.epoch):
+        schedule = list(batches(n, train.batch_size, train.seed, self.epoch))
+        if self.stream is not None:  # read the epoch's frames ahead
+            self.stream.expect(
+                [b if self.parallel is None else self.parallel.shard(b)[0] for b in schedule]
+            )
+        for batch in schedule:
             losses.append(self.train_step(batch, full))
             weights.append(len(batch))
         self.epoch += 1
@@ -320,6 +399,8 @@ class Trainer:
 
     def save_checkpoint(self, path: Path) -> None:
         """Models, optimiser and counters, written atomically (tmp file then rename)."""
+        if self.parallel is not None and not self.parallel.is_root:
+            return  # ranks hold identical state; rank 0 writes it
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -400,6 +481,9 @@ class Trainer:
             "positions_unit": unit,
             "known_probe": self.probe.kind == "fixed",
             "device": str(self.device),
+            "processes": 1 if self.parallel is None else self.parallel.world_size,
+            "object_tile_pixels": self.runtime.tile_pixels,
+            "streamed_frames": self.stream is not None,
             "versions": {"ptyinr": __version__, "torch": torch.__version__},
         }
         return Reconstruction(object_da, probe_da, loss_da, self.geometry, info)

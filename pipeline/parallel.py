@@ -1,0 +1,522 @@
+"""Data-parallel training of one reconstruction: one process per device, gradients all-reduced.
+
+Every rank builds the same models (same seed; parameters are also broadcast from rank 0) and
+walks the same seeded schedule of global batches. Each global batch is sorted along a Z-order
+(Morton) curve of its window positions and cut into `world_size` contiguous pieces, so a
+rank's windows are spatial neighbours and the union of object pixels it evaluates shrinks
+with the number of ranks. A rank's data loss is its local mean times (local positions /
+global positions): the ranks' losses sum to the single-process loss of the whole batch, so
+summed gradients equal the single-process gradient. After backward, all gradients and the
+loss travel in one flat all-reduce (NCCL on CUDA, Gloo on CPU), every rank applies the same
+Adam step and the parameters stay identical. The probe regulariser is added on rank 0 only.
+Rank 0 reports progress, writes checkpoints and returns the result.
+
+Launchers:
+- `fit_spawned`: K local processes (torch.multiprocessing spawn), rendezvous through a file
+  store in a temporary folder (no ports); used by tests and `ptyinr reconstruct
+  --processes K` (CPU) / `--gpus K` (one GPU per process).
+- `fit_on_workers` / `reconstruct_distributed`: K tasks pinned to K Dask workers (each with
+  resources GPU=1 when the workers have GPUs). Rank 0 opens a TCP store on a free port of its
+  host and publishes host:port through a `distributed.Variable`; the other ranks read it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+import secrets
+import tempfile
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ReconstructionConfig
+from pipeline.errors import InputError, ReconstructionFailed
+
+if TYPE_CHECKING:
+    from pipeline.physics import ScanGeometry
+    from pipeline.train import Reconstruction, ScanData
+
+DEFAULT_TIMEOUT_S = 600.0  # a rank waits this long for the others (rendezvous, collectives)
+
+
+# --------------------------------------------------------------------------------- sharding
+
+
+def morton_key(points: np.ndarray) -> np.ndarray:
+    """Z-order key of non-negative integer (y, x) points: nearby points get nearby keys."""
+    pts = np.asarray(points, dtype=np.int64)
+    pts = pts - pts.min(axis=0, initial=0)
+
+    def spread(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        for shift, mask in (
+            (16, 0x0000FFFF0000FFFF),
+            (8, 0x00FF00FF00FF00FF),
+            (4, 0x0F0F0F0F0F0F0F0F),
+            (2, 0x3333333333333333),
+            (1, 0x5555555555555555),
+        ):
+            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+        return v
+
+    return (spread(pts[:, 0]) << np.uint64(1)) | spread(pts[:, 1])
+
+
+def split_batch(batch: np.ndarray, key: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """The global batch cut into `world_size` spatially compact, sorted, near-equal pieces."""
+    batch = np.asarray(batch)
+    ordered = batch[np.argsort(key[batch], kind="stable")]
+    return [np.sort(part) for part in np.array_split(ordered, world_size)]
+
+
+@dataclass
+class ParallelContext:
+    """What a Trainer needs to know about its place in a data-parallel group."""
+
+    rank: int
+    world_size: int
+    group: Any = None
+    _key: np.ndarray | None = field(default=None, repr=False)
+    _full: tuple[int, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def bind(self, geometry: ScanGeometry) -> None:
+        """Spatial order of the scan's windows (called once by the Trainer)."""
+        self._key = morton_key(geometry.top_left)
+        self._full = None
+
+    def shard(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """This rank's positions of a global batch, and its share of the batch's positions."""
+        if self._key is None:
+            raise RuntimeError("ParallelContext.bind(geometry) must be called first")
+        batch = np.asarray(batch)
+        if len(batch) == len(self._key):  # full batch: the same split every step
+            if self._full is None:
+                self._full = (len(batch), split_batch(batch, self._key, self.world_size)[self.rank])
+            local = self._full[1]
+        else:
+            local = split_batch(batch, self._key, self.world_size)[self.rank]
+        return local, len(local) / max(len(batch), 1)
+
+    # -- collectives -----------------------------------------------------------------------
+
+    def all_reduce(self, parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+        """Sum gradients (None counts as zero) and the loss over ranks in one flat all-reduce;
+        write the summed gradients back and return the global loss."""
+        grads = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+            for p in parameters
+        ]
+        flat = torch.cat([*grads, loss.detach().reshape(1).to(grads[0].dtype)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 0
+        for p in parameters:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+        return float(flat[offset])
+
+    def broadcast_parameters(self, *modules: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers everywhere (same seed makes them equal anyway;
+        this guards against any rank-dependent initialisation)."""
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.is_floating_point() or tensor.is_complex():
+                    with torch.no_grad():
+                        dist.broadcast(tensor.data, src=0, group=self.group)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's Python object on every rank."""
+        box = [obj if self.is_root else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+# --------------------------------------------------------------------------------- one rank
+
+
+@dataclass
+class RankJob:
+    """Everything a rank needs to train (picklable: it travels to spawned processes and to
+    Dask workers). `frames` replaces data.intensities when given (shared-memory tensor)."""
+
+    data: ScanData
+    config: ReconstructionConfig
+    world_size: int
+    known_probe: np.ndarray | None = None
+    geometry: ScanGeometry | None = None
+    checkpoint_path: Path | None = None
+    progress: bool = False
+    description: str = "reconstructing"
+    use_cuda: bool = False
+    threads: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    frames: torch.Tensor | None = None
+
+
+def backend_for(use_cuda: bool) -> str:
+    return "nccl" if use_cuda else "gloo"
+
+
+def run_rank(job: RankJob, rank: int, store: dist.Store, local_device: int = 0) -> Any:
+    """Train as rank `rank` of `job.world_size` (process group from `store`); rank 0 returns
+    the Reconstruction, the others None."""
+    from pipeline.train import ScanData, Trainer
+
+    config = job.config
+    if job.threads > 0 and config.train.threads == 0:
+        torch.set_num_threads(job.threads)
+    if job.use_cuda:
+        torch.cuda.set_device(local_device)
+        config = config.model_copy(deep=True)
+        config.train.device = "cuda"
+    data = job.data
+    if job.frames is not None:
+        data = ScanData(job.frames.numpy(), data.positions_px, data.bad_pixels, data.pixel_size)
+    dist.init_process_group(
+        backend_for(job.use_cuda),
+        store=store,
+        rank=rank,
+        world_size=job.world_size,
+        timeout=dt.timedelta(seconds=job.timeout_s),
+        **({"device_id": torch.device("cuda", local_device)} if job.use_cuda else {}),
+    )
+    try:
+        context = ParallelContext(rank, job.world_size)
+        trainer = Trainer(
+            data, config, known_probe=job.known_probe, geometry=job.geometry, parallel=context
+        )
+        result = trainer.fit(
+            checkpoint_path=job.checkpoint_path,
+            progress=job.progress and rank == 0,
+            description=job.description,
+        )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return result if rank == 0 else None
+
+
+# --------------------------------------------------------------------------------- spawn
+
+
+def _spawn_entry(rank: int, job: RankJob, folder: str) -> None:
+    store = dist.FileStore(os.path.join(folder, "rendezvous"), job.world_size)
+    try:
+        result = run_rank(job, rank, store, local_device=rank)
+    except BaseException as exc:  # hand the error to the parent, then fail this process
+        with open(os.path.join(folder, f"error-{rank}.pkl"), "wb") as fh:
+            pickle.dump((type(exc).__name__, str(exc), traceback.format_exc()), fh)
+        raise
+    if rank == 0:
+        tmp = os.path.join(folder, "result.tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump(result, fh)
+        os.replace(tmp, os.path.join(folder, "result.pkl"))
+
+
+def _share(data: ScanData) -> tuple[ScanData, torch.Tensor | None]:
+    """In-memory frames go to the children through shared memory, not K pickled copies."""
+    frames = data.intensities
+    if not isinstance(frames, np.ndarray):
+        return data, None
+    tensor = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).share_memory_()
+    light = replace(data, intensities=np.empty((frames.shape[0], 0, 0), np.float32))
+    return light, tensor
+
+
+def fit_spawned(
+    data: ScanData,
+    config: ReconstructionConfig,
+    world_size: int,
+    *,
+    use_cuda: bool = False,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    checkpoint_path: Path | None = None,
+    progress: bool = True,
+    description: str = "reconstructing",
+    threads_per_process: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Reconstruction:
+    """Train one reconstruction in `world_size` local processes (Gloo on CPU; NCCL with one
+    GPU per process when use_cuda); returns rank 0's Reconstruction."""
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise InputError(f"processes = {world_size}: expected at least 1")
+    if use_cuda:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if world_size > available:
+            raise InputError(f"--gpus {world_size}: torch sees {available} CUDA device(s) here")
+    if threads_per_process is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        threads_per_process = max(1, cores // world_size)
+    light, frames = _share(data)
+    job = RankJob(
+        data=light,
+        config=config,
+        world_size=world_size,
+        known_probe=known_probe,
+        geometry=geometry,
+        checkpoint_path=checkpoint_path,
+        progress=progress,
+        description=description,
+        use_cuda=use_cuda,
+        threads=threads_per_process,
+        timeout_s=timeout_s,
+        frames=frames,
+    )
+    with tempfile.TemporaryDirectory(prefix="ptyinr-ddp-") as folder:
+        try:
+            mp.spawn(_spawn_entry, args=(job, folder), nprocs=world_size, join=True)
+        except Exception as exc:
+            _raise_rank_error(folder, world_size, exc)
+        with open(os.path.join(folder, "result.pkl"), "rb") as fh:
+            return pickle.load(fh)
+
+
+def _raise_rank_error(folder: str, world_size: int, exc: Exception) -> None:
+    """Re-raise a rank's user-facing error as itself; anything else as a RuntimeError."""
+    for rank in range(world_size):
+        path = os.path.join(folder, f"error-{rank}.pkl")
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                name, message, text = pickle.load(fh)
+            for kind in (InputError, ReconstructionFailed):
+                if name == kind.__name__ or (
+                    kind is InputError and name in ("ConfigError", "StoreError")
+                ):
+                    raise kind(message) from None
+            raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{text}") from exc
+    raise RuntimeError(f"data-parallel training failed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------- Dask
+
+
+def _worker_host() -> str:
+    from distributed import get_worker
+
+    return urlparse(get_worker().address).hostname or "127.0.0.1"
+
+
+def _dask_rank(job: RankJob, rank: int, rendezvous: str) -> Any:
+    """A Dask task: rendezvous through the scheduler, then train as `rank`."""
+    from distributed import Variable
+
+    variable = Variable(rendezvous)
+    timeout = dt.timedelta(seconds=job.timeout_s)
+    if rank == 0:
+        host = _worker_host()
+        store: dist.Store = dist.TCPStore(
+            host, 0, job.world_size, True, timeout=timeout, wait_for_workers=False
+        )
+        variable.set(f"{host}:{store.port}")
+    else:
+        address = str(variable.get(timeout=job.timeout_s))
+        host, port = address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), job.world_size, False, timeout=timeout)
+    # a GPU worker sees exactly its own GPU (cluster.WorkerSetup sets CUDA_VISIBLE_DEVICES)
+    return run_rank(job, rank, store, local_device=0)
+
+
+def pick_workers(client: Any, world_size: int, gpus: bool, timeout_s: float) -> list[str]:
+    """`world_size` distinct worker addresses (with a GPU resource when gpus)."""
+
+    def eligible() -> list[str]:
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+        return sorted(
+            addr
+            for addr, info in workers.items()
+            if not gpus or info.get("resources", {}).get("GPU", 0) >= 1
+        )
+
+    found = eligible()
+    if len(found) < world_size:
+        try:
+            client.wait_for_workers(world_size, timeout=timeout_s)
+        except TimeoutError:
+            pass
+        found = eligible()
+    if len(found) < world_size:
+        what = "GPU workers" if gpus else "workers"
+        raise InputError(
+            f"a {world_size}-process reconstruction needs {world_size} {what}; the cluster "
+            f"has {len(found)}"
+        )
+    return found[:world_size]
+
+
+def fit_on_workers(
+    client: Any,
+    data: ScanData,
+    config: ReconstructionConfig,
+    world_size: int,
+    *,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    checkpoint_path: Path | None = None,
+    description: str = "reconstructing",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Reconstruction:
+    """Train one reconstruction as `world_size` tasks on distinct Dask workers.
+
+    Workers with a GPU resource get one rank each (NCCL); CPU workers use Gloo. `data` should
+    be lazy (dask-backed frames from the store: each rank reads only what it needs, see
+    data.stream) or small; it is sent to every rank.
+    """
+    from pipeline.cluster import task_resources
+
+    resources = task_resources(client)
+    gpus = bool(resources.get("GPU"))
+    workers = pick_workers(client, world_size, gpus, timeout_s)
+    token = secrets.token_hex(6)
+    rendezvous = f"ptyinr-rendezvous-{token}"
+    job = RankJob(
+        data=data,
+        config=config,
+        world_size=world_size,
+        known_probe=known_probe,
+        geometry=geometry,
+        checkpoint_path=checkpoint_path,
+        progress=False,
+        description=description,
+        use_cuda=gpus,
+        threads=0,
+        timeout_s=timeout_s,
+    )
+    futures = [
+        client.submit(
+            _dask_rank,
+            job,
+            rank,
+            rendezvous,
+            key=f"ptyinr-rank-{rank}-{token}",
+            workers=[address],
+            allow_other_workers=False,
+            resources=resources or None,
+            pure=False,
+            retries=0,
+        )
+        for rank, address in enumerate(workers)
+    ]
+    try:
+        results = client.gather(futures)
+    finally:
+        try:
+            from distributed import Variable
+
+            Variable(rendezvous, client=client).delete()
+        except Exception:  # pragma: no cover - cleanup only
+            pass
+    return results[0]
+
+
+def choose_ranks(
+    processes: int, gpus: int, config: ReconstructionConfig
+) -> tuple[int, ReconstructionConfig]:
+    """`--processes K` (CPU, Gloo) or `--gpus K` (CUDA, NCCL) -> (ranks, config with the
+    matching train.device). InputError for both at once, or a device that contradicts."""
+    if processes < 1 or gpus < 0:
+        raise InputError(f"--processes {processes} / --gpus {gpus}: expected K >= 1")
+    if gpus and processes > 1:
+        raise InputError("--gpus and --processes: choose one (--gpus K runs K processes)")
+    if not gpus:
+        if processes > 1 and config.train.device == "cuda":
+            raise InputError("--processes K trains on CPU; use --gpus K for CUDA devices")
+        if processes == 1:
+            return 1, config
+        return processes, config.model_copy(
+            update={"train": config.train.model_copy(update={"device": "cpu"})}
+        )
+    if config.train.device == "cpu":
+        raise InputError("--gpus K with train.device = cpu: drop --device cpu or use --processes")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > available:
+        raise InputError(f"--gpus {gpus}: torch sees {available} CUDA device(s) on this machine")
+    cuda = config.model_copy(update={"train": config.train.model_copy(update={"device": "cuda"})})
+    return gpus, cuda
+
+
+def fit_parallel(
+    data: ScanData,
+    config: ReconstructionConfig,
+    world_size: int,
+    *,
+    client: Any = None,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    checkpoint_path: Path | None = None,
+    progress: bool = True,
+    description: str = "reconstructing",
+) -> Reconstruction:
+    """Data-parallel fit: on `world_size` Dask workers of `client`, else in local processes
+    (one CUDA device per process when train.device resolves to CUDA, else Gloo on CPU)."""
+    if client is not None:
+        return fit_on_workers(
+            client,
+            data,
+            config,
+            world_size,
+            known_probe=known_probe,
+            geometry=geometry,
+            checkpoint_path=checkpoint_path,
+            description=description,
+        )
+    from pipeline.train import select_device
+
+    use_cuda = select_device(config.train.device).type == "cuda"
+    return fit_spawned(
+        data,
+        config,
+        world_size,
+        use_cuda=use_cuda,
+        known_probe=known_probe,
+        geometry=geometry,
+        checkpoint_path=checkpoint_path,
+        progress=progress,
+        description=description,
+    )
+
+
+def reconstruct_distributed(
+    client: Any,
+    path: str | Path,
+    config: ReconstructionConfig,
+    world_size: int,
+    **kwargs: Any,
+) -> tuple[str, Reconstruction]:
+    """`pipeline.reconstruct.reconstruct_store` with training spread over `world_size` Dask
+    workers (data-parallel). Same keywords (run_id, indices, subgroup, known_probe, geometry,
+    mark_complete, ...); frames are read lazily from the store by each rank. Call it from
+    the driver (the client side), not from inside a task."""
+    from pipeline.reconstruct import reconstruct_store
+
+    return reconstruct_store(path, config, world_size=world_size, client=client, **kwargs)
+
+
+__all__ = [
+    "ParallelContext",
+    "RankJob",
+    "choose_ranks",
+    "fit_on_workers",
+    "fit_parallel",
+    "fit_spawned",
+    "morton_key",
+    "pick_workers",
+    "reconstruct_distributed",
+    "run_rank",
+    "split_batch",
+]

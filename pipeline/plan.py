@@ -1,0 +1,653 @@
+"""Resource plan of a reconstruction: peak memory per device and time per epoch, before any
+allocation, and the memory-driven choices (object tiles, streamed frames) the trainer makes.
+
+Memory model (bytes per device), each term from the code it describes:
+
+- parameters, gradients and Adam's two moments, plus one parameter-sized temporary of the
+  foreach Adam step: 20 B per parameter;
+- object networks: activations autograd saves for the backward pass, per pixel of the
+  batch's union and per SIREN: a sine layer keeps its input and its pre-activation, so
+  (2 * hidden + 2) * width values, plus ~3 * width of gradient buffers alive during the
+  backward pass (4 bytes each, also under bf16 autocast: its measured peak is no lower).
+  With tiles (pipeline.memory), the union keeps ~24 B per pixel (indices, complex output)
+  and one tile holds activations;
+- probe networks on the Ny x Nx probe grid (hash-grid gathers: 4 corners x levels x (int64
+  row + float32 weight), ReLU MLP activations);
+- forward model per frame pixel of the batch: window indices, torch.unique's sort buffers
+  and inverse, gathered patches, shifted probes, exit wave, far field (complex64), predicted
+  and measured amplitudes, loss terms and their gradients;
+- diffraction data: resident frames (4 B per frame pixel on the device; on a CPU device the
+  loaded copy and the trainer's amplitudes are both in RAM), or a few streamed batches;
+- the torch runtime (threads, kernel caches: 80 MiB measured on CPU; 512 MiB assumed on
+  CUDA) and, on CPU, glibc's reuse slack (10 % of the step's tensors, measured).
+
+The CPU constants were measured with peak RSS (VmHWM) of fresh processes; estimates agree
+within 3-15 % on the cases of tests/test_plan.py and benchmarks/bench_scale.py.
+
+Time model: FLOPs of the object networks (forward + backward = 3x forward, +1 forward with
+tiles), their element-wise passes (sin, cos, scaling), FFTs (5 N log2 N per transform, 2 per
+frame per step, 4 with sub-pixel positions) and the forward model's element-wise passes,
+each divided by rates measured on this device in a fraction of a second (`calibrate`):
+a width x width GEMM, a sine pass, and a batch of frame-sized FFTs.
+
+The union of object pixels a batch touches comes from the scan's actual geometry: coverage
+counts (a 2-D difference array) of a few of the first epoch's batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ReconstructionConfig
+from pipeline.errors import InputError
+
+GIB = 1024**3
+MIB = 1024**2
+
+# bytes per parameter: value, gradient, Adam exp_avg and exp_avg_sq, one foreach temporary
+PARAMETER_BYTES = 20
+# per pixel of the union, besides the networks: coordinates, flat index, complex output,
+# softplus / polar inputs, gathered copy
+OBJECT_PIXEL_OVERHEAD = 64
+# per union pixel kept across a checkpointed tile (index int64, complex64 output, cat copy)
+TILED_PIXEL_BYTES = 24
+# forward model, per frame pixel of the batch, besides the inverse index (8 B): patches,
+# shifted probes, far field, amplitudes and their gradients (measured on CPU, 64 x 64 frames)
+FORWARD_BYTES = {"subpixel": 50, "whole": 42}
+# window indices + torch.unique (sort, inverse), per frame pixel; transient before the
+# object networks run, the inverse (8 B) stays
+UNIQUE_BYTES = 40
+# smallest useful tile; below it kernels get inefficient
+MIN_TILE = 4096
+# frames in flight when streaming: read-ahead depth 2, the current batch, a pinned stage
+STREAM_BATCHES = 4
+# CPU heap kept for reuse when performance.bounded_heap is off, as a share of the step's
+# tensors (measured: 1.06x and 1.15x of the live bytes on the two CPU cases of the tests)
+ALLOCATOR_SLACK = 0.10
+# what the torch runtime itself adds once training runs: autograd and intra-op threads,
+# kernel caches, optimiser bookkeeping (CPU: measured, 80 MiB); on CUDA the caching
+# allocator's slack, cuFFT plans and cuBLAS workspaces (not measured here: a GPU estimate)
+RUNTIME_OVERHEAD = {"cpu": 80 * MIB, "cuda": 512 * MIB}
+
+
+# --------------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sizes that drive memory and time: per device (rank) and per step."""
+
+    n_positions: int
+    frame_shape: tuple[int, int]
+    object_shape: tuple[int, int]
+    world_size: int
+    batch_positions: int  # global positions per step
+    steps_per_epoch: int
+    frames_per_rank: int  # positions of the busiest rank in a step
+    union_pixels: int  # object pixels under the busiest rank's windows in a step
+    subpixel: bool
+
+    @property
+    def frame_pixels(self) -> int:
+        return self.frame_shape[0] * self.frame_shape[1]
+
+
+def union_size(top_left: np.ndarray, window: tuple[int, int], shape: tuple[int, int]) -> int:
+    """Object pixels covered by at least one window (2-D difference array, O(n + H W))."""
+    if len(top_left) == 0:
+        return 0
+    ny, nx = window
+    diff = np.zeros((shape[0] + 1, shape[1] + 1), dtype=np.int32)
+    r, c = top_left[:, 0], top_left[:, 1]
+    np.add.at(diff, (r, c), 1)
+    np.add.at(diff, (r, c + nx), -1)
+    np.add.at(diff, (r + ny, c), -1)
+    np.add.at(diff, (r + ny, c + nx), 1)
+    cover = diff.cumsum(axis=0).cumsum(axis=1)
+    return int(np.count_nonzero(cover[: shape[0], : shape[1]]))
+
+
+def workload(
+    geometry: Any, config: ReconstructionConfig, world_size: int = 1, samples: int = 3
+) -> Workload:
+    """Per-step sizes of this scan under this configuration (a few batches sampled)."""
+    from pipeline.parallel import morton_key, split_batch
+    from pipeline.train import batches
+
+    n = geometry.n_positions
+    bs = config.train.batch_size
+    full = bs <= 0 or bs >= n
+    steps = 1 if full else math.ceil(n / bs)
+    key = morton_key(geometry.top_left) if world_size > 1 else None
+    frames, union = 0, 0
+    for i, batch in enumerate(batches(n, bs, config.train.seed, 0)):
+        if i >= samples:
+            break
+        parts = [batch] if key is None else split_batch(batch, key, world_size)
+        for part in parts:
+            frames = max(frames, len(part))
+            union = max(
+                union,
+                union_size(geometry.top_left[part], geometry.window_shape, geometry.object_shape),
+            )
+    subpixel = bool(np.abs(geometry.subpixel).max(initial=0.0) > 1e-6)
+    return Workload(
+        n_positions=n,
+        frame_shape=tuple(geometry.window_shape),
+        object_shape=tuple(geometry.object_shape),
+        world_size=world_size,
+        batch_positions=n if full else min(bs, n),
+        steps_per_epoch=steps,
+        frames_per_rank=frames,
+        union_pixels=union,
+        subpixel=subpixel,
+    )
+
+
+# --------------------------------------------------------------------------------- parameters
+
+
+def _hash_table_rows(config: Any) -> int:
+    from pipeline.models.hashgrid import level_resolutions
+
+    table = 2**config.hash_log2_table_size
+    res = level_resolutions(
+        config.hash_levels, config.hash_base_resolution, config.hash_per_level_scale
+    )
+    return sum(min((r + 1) ** 2, table) for r in res)
+
+
+def _mlp_params(fan_in: int, width: int, hidden: int) -> int:
+    total, prev = 0, fan_in
+    for _ in range(hidden):
+        total += prev * width + width
+        prev = width
+    return total + prev + 1
+
+
+def siren_params(width: int, hidden: int) -> int:
+    return 2 * width + width + hidden * (width * width + width) + width + 1
+
+
+def parameter_counts(config: ReconstructionConfig, wl: Workload, known_probe: bool) -> dict:
+    """Trainable parameters of object and probe, from the configuration alone."""
+    m = config.model
+    hash_net = _hash_table_rows(m) * m.hash_features + _mlp_params(
+        m.hash_levels * m.hash_features, m.mlp_width, m.mlp_hidden_layers
+    )
+    if m.object == "siren":
+        obj = 2 * siren_params(m.siren_width, m.siren_hidden_layers)
+    elif m.object == "hashgrid":
+        obj = 2 * hash_net
+    else:
+        obj = 2 * wl.object_shape[0] * wl.object_shape[1]
+    if known_probe:
+        probe = 1
+    elif m.probe == "hashgrid":
+        probe = 2 * hash_net + 1
+    else:
+        probe = 2 * wl.frame_pixels + 1
+    return {"object": obj, "probe": probe}
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+def object_bytes_per_pixel(config: ReconstructionConfig) -> int:
+    """Activations the object networks keep per union pixel until backward (+ grad buffers)."""
+    m = config.model
+    # bf16 autocast would halve the saved values, but measured peaks on CPU are the same as
+    # fp32 (2.36 vs 2.51 GB on the paper case): count 4 bytes
+    value = 4
+    if m.object == "siren":
+        w, h = m.siren_width, m.siren_hidden_layers
+        per_net = (2 * h + 2) * w * value
+        return 2 * per_net + 3 * w * 4 + OBJECT_PIXEL_OVERHEAD
+    if m.object == "hashgrid":
+        levels = m.hash_levels
+        per_net = 4 * levels * (8 + 4 + 4 * m.hash_features) + (m.mlp_hidden_layers + 1) * (
+            m.mlp_width * 4 * 2
+        )
+        return 2 * per_net + OBJECT_PIXEL_OVERHEAD
+    return 16
+
+
+def probe_bytes(config: ReconstructionConfig, wl: Workload, known_probe: bool) -> int:
+    """Probe networks evaluated on the whole probe grid once per step."""
+    m = config.model
+    k = wl.frame_pixels
+    if known_probe or m.probe != "hashgrid":
+        return 64 * k
+    levels = m.hash_levels
+    gathers = 4 * levels * (8 + 4 + 4 * m.hash_features) + 6 * levels * 8  # + index temporaries
+    mlp = (m.mlp_hidden_layers + 1) * m.mlp_width * 4 * 2
+    return k * (2 * (gathers + mlp) + 64)
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes per device by part, with the tile and streaming choices they assume."""
+
+    parts: dict[str, int]
+    tile_pixels: int  # 0: object evaluated untiled
+    stream: bool
+    available: int
+    budget: int
+    loading_peak: int = 0  # while the frames are converted, before training starts
+
+    @property
+    def peak(self) -> int:
+        return max(sum(self.parts.values()), self.loading_peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+
+def estimate_memory(
+    wl: Workload,
+    config: ReconstructionConfig,
+    device_type: str,
+    *,
+    tile_pixels: int,
+    stream: bool,
+    data_lazy: bool = True,
+    known_probe: bool = False,
+    available: int = 0,
+) -> MemoryEstimate:
+    """Peak memory of one rank for explicit tile / stream choices. `data_lazy`: the frames
+    are read from the store (False: already in this process's RAM as well)."""
+    counts = parameter_counts(config, wl, known_probe)
+    frame_px = wl.frames_per_rank * wl.frame_pixels
+    per_pixel = object_bytes_per_pixel(config)
+    u = wl.union_pixels
+    if tile_pixels > 0 and u > tile_pixels and config.model.object != "pixels":
+        obj = u * TILED_PIXEL_BYTES + tile_pixels * per_pixel
+    else:
+        obj = u * per_pixel
+    forward = frame_px * (FORWARD_BYTES["subpixel" if wl.subpixel else "whole"] + 8)
+    # torch.unique runs before the networks; count whichever phase is larger
+    step = max(obj + forward, frame_px * UNIQUE_BYTES)
+    frame_bytes = 4 * wl.frame_pixels
+    scan_bytes = wl.n_positions * frame_bytes
+    loaded = scan_bytes if device_type == "cpu" and not data_lazy else 0  # already in RAM
+    if stream:
+        data = STREAM_BATCHES * wl.frames_per_rank * frame_bytes + loaded
+        loading = data
+    else:
+        data = scan_bytes + loaded
+        # the trainer converts loaded (or materialised) frames into amplitudes: both alive
+        loading = 2 * scan_bytes if device_type == "cpu" else scan_bytes
+    parts = {
+        "parameters + Adam": (counts["object"] + counts["probe"]) * PARAMETER_BYTES,
+        "object activations": obj,
+        "probe networks": probe_bytes(config, wl, known_probe),
+        "forward model": step - obj,
+        "diffraction data": data,
+    }
+    if device_type == "cpu" and not config.performance.bounded_heap:
+        # glibc keeps freed blocks for reuse: measured peaks 3-15 % above the live tensors
+        parts["allocator slack"] = int(ALLOCATOR_SLACK * step)
+    parts["torch runtime"] = RUNTIME_OVERHEAD.get(device_type, RUNTIME_OVERHEAD["cuda"])
+    budget = int(available * config.performance.memory_fraction)
+    loading_peak = parts["parameters + Adam"] + max(loading, data)
+    return MemoryEstimate(parts, tile_pixels, stream, available, budget, loading_peak)
+
+
+def available_memory(device_type: str, device_index: int | None = None) -> int:
+    """Free bytes on the device: torch.cuda.mem_get_info on CUDA, available RAM on CPU."""
+    if device_type == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device_index)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency of distributed
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def resolve_memory(
+    wl: Workload,
+    config: ReconstructionConfig,
+    device_type: str,
+    *,
+    data_lazy: bool,
+    known_probe: bool = False,
+    available: int | None = None,
+) -> MemoryEstimate:
+    """Choose object tiles and streaming so a rank fits its memory budget.
+
+    Explicit settings are kept (performance.object_tile_pixels > 0, data.stream = always /
+    never). Auto: keep frames resident unless that does not fit, then stream them; no tiles
+    unless the untiled union does not fit, then the largest tile that does. Returns the
+    estimate of the chosen setting, which may still not fit (`fits` is False).
+    """
+    if available is None:
+        available = available_memory(device_type)
+    mode = config.data.stream
+    stream_options = {"always": [True], "never": [False]}.get(mode, [False, True])
+    tile = config.performance.object_tile_pixels
+    best: MemoryEstimate | None = None
+    for stream in stream_options:
+        est = estimate_memory(
+            wl,
+            config,
+            device_type,
+            tile_pixels=tile,
+            stream=stream,
+            data_lazy=data_lazy,
+            known_probe=known_probe,
+            available=available,
+        )
+        if tile == 0 and not est.fits and config.model.object != "pixels":
+            est = _with_largest_tile(
+                wl, config, device_type, stream, data_lazy, known_probe, available
+            )
+        if best is None or est.peak < best.peak:
+            best = est
+        if est.fits:
+            return est
+    assert best is not None
+    return best
+
+
+def _with_largest_tile(
+    wl: Workload,
+    config: ReconstructionConfig,
+    device_type: str,
+    stream: bool,
+    data_lazy: bool,
+    known_probe: bool,
+    available: int,
+) -> MemoryEstimate:
+    """The largest tile (a power of two >= MIN_TILE) under which the step fits."""
+    tile = 1 << max(int(math.log2(max(wl.union_pixels, MIN_TILE))), 12)
+    while True:
+        est = estimate_memory(
+            wl,
+            config,
+            device_type,
+            tile_pixels=tile,
+            stream=stream,
+            data_lazy=data_lazy,
+            known_probe=known_probe,
+            available=available,
+        )
+        if est.fits or tile <= MIN_TILE:
+            return est
+        tile //= 2
+
+
+# --------------------------------------------------------------------------------- time
+
+
+def calibrate(device: Any, width: int = 512, frame_shape: tuple[int, int] = (64, 64)) -> dict:
+    """Rates of this device, measured now: GEMM FLOP/s (fp32 and bf16), sine elements/s,
+    FFT FLOP/s for frame-sized complex64 transforms. About a second on a CPU."""
+    import torch
+
+    dev = torch.device(device)
+
+    def timed(fn: Any, repeat: int = 3) -> float:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = math.inf
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = min(best, time.perf_counter() - start)
+        return max(best, 1e-9)
+
+    rows = 8192 if dev.type == "cpu" else 65536
+    rates: dict[str, float] = {}
+    for name, dtype in (("gemm_fp32", torch.float32), ("gemm_bf16", torch.bfloat16)):
+        a = torch.randn(rows, width, device=dev, dtype=dtype)
+        b = torch.randn(width, width, device=dev, dtype=dtype)
+        out = torch.empty(rows, width, device=dev, dtype=dtype)
+        seconds = timed(lambda a=a, b=b, o=out: torch.mm(a, b, out=o))
+        rates[name] = 2.0 * rows * width * width / seconds
+    x = torch.randn(rows * width // 4, device=dev)
+    y = torch.empty_like(x)
+    rates["elementwise"] = x.numel() / timed(lambda: torch.sin(x, out=y))
+    ny, nx = frame_shape
+    frames = max(1, (1 << 22) // (ny * nx))
+    f = torch.randn(frames, ny, nx, dtype=torch.complex64, device=dev)
+    g = torch.empty_like(f)
+    rates["fft"] = frames * fft_flops(frame_shape) / timed(lambda: torch.fft.fft2(f, out=g))
+    return rates
+
+
+def fft_flops(frame_shape: tuple[int, int]) -> float:
+    n = frame_shape[0] * frame_shape[1]
+    return 5.0 * n * math.log2(max(n, 2))
+
+
+def siren_flops_per_pixel(config: ReconstructionConfig) -> float:
+    """Forward FLOPs of both object SIRENs at one pixel (multiply-add = 2)."""
+    m = config.model
+    if m.object != "siren":
+        return 0.0
+    w, h = m.siren_width, m.siren_hidden_layers
+    return 2 * 2.0 * (2 * w + h * w * w + w)
+
+
+def estimate_time(
+    wl: Workload, config: ReconstructionConfig, rates: dict, tile_pixels: int = 0
+) -> dict[str, float]:
+    """Seconds per step by part and per epoch (the busiest rank sets the pace)."""
+    m = config.model
+    u = wl.union_pixels
+    tiled = tile_pixels > 0 and u > tile_pixels
+    passes = 4.0 if tiled else 3.0  # forward + backward (2x), + recompute
+    gemm_rate = rates["gemm_bf16" if config.performance.bf16 else "gemm_fp32"]
+    out: dict[str, float] = {}
+    if m.object == "siren":
+        out["object GEMMs"] = u * siren_flops_per_pixel(config) / 3.0 * passes / gemm_rate
+        # per layer and pixel: scale + sin forward, cos + 2 products backward, bias grad
+        layers = m.siren_hidden_layers + 1
+        out["object element-wise"] = 2 * u * layers * m.siren_width * 6 / rates["elementwise"]
+    else:
+        out["object"] = u * 400 * m.hash_levels / rates["elementwise"]
+    frame_px = wl.frames_per_rank * wl.frame_pixels
+    ffts = 4 if wl.subpixel else 2
+    out["FFTs"] = wl.frames_per_rank * ffts * fft_flops(wl.frame_shape) / rates["fft"]
+    out["forward model element-wise"] = frame_px * 40 / rates["elementwise"]
+    probe_px = wl.frame_pixels
+    out["probe"] = probe_px * 60 * m.hash_levels / rates["elementwise"]
+    if wl.world_size > 1:
+        params = sum(parameter_counts(config, wl, False).values())
+        bandwidth = rates.get("allreduce_bytes_per_s", 2e9)
+        out["all-reduce"] = 2.0 * 4 * params / bandwidth
+    step = sum(out.values())
+    out["step"] = step
+    out["epoch"] = step * wl.steps_per_epoch
+    return out
+
+
+# --------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """Memory and time of a reconstruction on `device` with `world_size` ranks."""
+
+    device: str
+    workload: Workload
+    memory: MemoryEstimate
+    time: dict[str, float] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits
+
+    def lines(self) -> list[str]:
+        wl, mem = self.workload, self.memory
+        out = [
+            f"scan: {wl.n_positions} positions of {wl.frame_shape[0]} x {wl.frame_shape[1]}, "
+            f"object {wl.object_shape[0]} x {wl.object_shape[1]} px",
+            f"ranks: {wl.world_size} on {self.device}; per step {wl.batch_positions} positions "
+            f"({wl.frames_per_rank} on the busiest rank, object union {wl.union_pixels} px), "
+            f"{wl.steps_per_epoch} steps per epoch",
+            f"object tiles: {mem.tile_pixels or 'none'}; frames: "
+            f"{'streamed per batch' if mem.stream else 'resident'}",
+            "estimated peak memory per device:",
+        ]
+        out += [f"  {name:<22} {_size(value):>10}" for name, value in mem.parts.items()]
+        out.append(
+            f"  {'total':<22} {_size(mem.peak):>10}  of {_size(mem.budget)} usable "
+            f"({self.memory_fraction_text()})"
+        )
+        if self.time:
+            parts = ", ".join(
+                f"{k} {v:.3g} s" for k, v in self.time.items() if k not in ("step", "epoch")
+            )
+            out.append(
+                f"estimated time: {self.time['step']:.3g} s per step ({parts}); "
+                f"{self.time['epoch']:.3g} s per epoch"
+            )
+        return out
+
+    def memory_fraction_text(self) -> str:
+        return f"{_size(self.memory.available)} free"
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+
+
+def make_plan(
+    geometry: Any,
+    config: ReconstructionConfig,
+    *,
+    device_type: str = "cpu",
+    world_size: int = 1,
+    data_lazy: bool = True,
+    known_probe: bool = False,
+    available: int | None = None,
+    rates: dict | None = None,
+    with_time: bool = True,
+) -> Plan:
+    """The plan of one reconstruction (rates measured now unless given)."""
+    wl = workload(geometry, config, world_size)
+    mem = resolve_memory(
+        wl,
+        config,
+        device_type,
+        data_lazy=data_lazy,
+        known_probe=known_probe,
+        available=available,
+    )
+    times: dict[str, float] = {}
+    if with_time:
+        if rates is None:
+            rates = calibrate(device_type, config.model.siren_width, wl.frame_shape)
+        times = estimate_time(wl, config, rates, mem.tile_pixels)
+    return Plan(device_type, wl, mem, times, rates or {})
+
+
+def plan_for_store(
+    path: str | Path,
+    config: ReconstructionConfig,
+    *,
+    world_size: int = 1,
+    device_type: str | None = None,
+    known_probe: bool = False,
+    with_time: bool = True,
+) -> Plan:
+    """Plan a reconstruction of a scan store without reading its frames."""
+    from pipeline import store
+    from pipeline.physics import ScanGeometry
+    from pipeline.train import select_device
+
+    ds = store.open_scan_store(path)
+    source = config.data.source
+    if source == "auto":
+        source = "preprocessed" if "preprocessed" in ds else "intensities"
+    if source not in ds:
+        raise InputError(f"{path}: array {source!r} missing (data.source = {source!r})")
+    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
+    positions = store.positions_px(ds, frame_shape)
+    geometry = ScanGeometry.from_positions(
+        positions,
+        frame_shape,
+        padding_px=config.data.object_padding_px,
+        round_positions=config.train.positions == "round",
+    )
+    device = device_type or select_device(config.train.device).type
+    return make_plan(
+        geometry,
+        config,
+        device_type=device,
+        world_size=world_size,
+        known_probe=known_probe,
+        with_time=with_time,
+    )
+
+
+def refuse_unless_fits(plan: Plan, where: str) -> None:
+    """InputError naming the biggest parts when the plan exceeds the memory budget."""
+    if plan.fits:
+        return
+    mem = plan.memory
+    top = sorted(mem.parts.items(), key=lambda kv: -kv[1])[:2]
+    biggest = ", ".join(f"{k} {_size(v)}" for k, v in top)
+    raise InputError(
+        f"{where}: plan needs {_size(mem.peak)} per device but {_size(mem.budget)} is usable "
+        f"({biggest}); use more devices (--gpus/--processes), a smaller train.batch_size, "
+        "performance.object_tile_pixels, or data.stream=always"
+    )
+
+
+def check_plan(
+    path: str | Path,
+    config: ReconstructionConfig,
+    world_size: int = 1,
+    *,
+    known_probe: bool = False,
+    show: bool = False,
+    echo: Any = print,
+) -> Plan:
+    """What `ptyinr reconstruct` does first: plan from the store's metadata alone, print the
+    plan when `show` (`--plan`, with a quick timing calibration), and refuse (InputError)
+    when it cannot fit the device."""
+    plan = plan_for_store(
+        path, config, world_size=world_size, known_probe=known_probe, with_time=show
+    )
+    if show:
+        for line in plan.lines():
+            echo(line)
+    refuse_unless_fits(plan, str(path))
+    return plan
+
+
+__all__ = [
+    "MemoryEstimate",
+    "Plan",
+    "Workload",
+    "available_memory",
+    "calibrate",
+    "check_plan",
+    "estimate_memory",
+    "estimate_time",
+    "make_plan",
+    "parameter_counts",
+    "plan_for_store",
+    "refuse_unless_fits",
+    "resolve_memory",
+    "union_size",
+    "workload",
+]

@@ -1,0 +1,163 @@
+"""The resource plan: its pieces against brute force, its peak memory against a measured run,
+and `ptyinr reconstruct --plan` (prints without reading frames; refuses what cannot fit)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipeline import plan
+from pipeline.config import load_config
+from pipeline.memory import StoreFrames
+from pipeline.models.fields import build_object_field, build_probe_field
+from pipeline.physics import ScanGeometry
+from pipeline.simulate import SimulationConfig, write_simulated_store
+
+# 144 positions of 32 x 32 on a 120 x 120 object: the SIREN activations dominate the peak
+MEASURED = SimulationConfig(object_size=120, probe_size=32, focus_fwhm_px=4, overlap=-1.0)
+MODEL = [
+    "model.siren_width=256",
+    "model.probe_init_steps=5",
+    "train.epochs=2",
+    "train.device=cpu",
+    "train.threads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def measured_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_simulated_store(tmp_path_factory.mktemp("plan") / "scan.zarr", MEASURED)
+
+
+def test_union_size_counts_covered_pixels() -> None:
+    rng = np.random.default_rng(1)
+    corners = rng.integers(0, 40, size=(30, 2))
+    shape, window = (52, 55), (12, 15)
+    geometry = ScanGeometry.from_positions(
+        corners + np.array(window) // 2, window, object_shape=shape, origin_px=(0, 0)
+    )
+    brute = np.unique(geometry.window_flat_indices().numpy()).size
+    assert plan.union_size(geometry.top_left, window, shape) == brute
+
+
+def test_parameter_counts_match_the_built_networks() -> None:
+    cfg = load_config(overrides=["model.siren_width=40", "model.hash_levels=5"])
+    wl = plan.Workload(10, (24, 24), (60, 70), 1, 10, 1, 10, 900, True)
+    counts = plan.parameter_counts(cfg, wl, known_probe=False)
+    obj = build_object_field((60, 70), cfg.model)
+    probe = build_probe_field((24, 24), cfg.model, initial_probe=np.ones((24, 24)))
+    assert counts["object"] == sum(p.numel() for p in obj.parameters())
+    assert counts["probe"] == sum(p.numel() for p in probe.parameters())
+
+
+def test_time_estimate_grows_with_the_union_and_tiles_cost_a_forward() -> None:
+    cfg = load_config()
+    rates = {"gemm_fp32": 1e11, "gemm_bf16": 4e11, "elementwise": 1e9, "fft": 1e10}
+    small = plan.Workload(100, (64, 64), (300, 300), 1, 100, 1, 100, 10_000, True)
+    large = plan.Workload(100, (64, 64), (300, 300), 1, 100, 1, 100, 40_000, True)
+    t_small = plan.estimate_time(small, cfg, rates)
+    t_large = plan.estimate_time(large, cfg, rates)
+    assert t_large["object GEMMs"] == pytest.approx(4 * t_small["object GEMMs"])
+    tiled = plan.estimate_time(large, cfg, rates, tile_pixels=4096)
+    assert tiled["object GEMMs"] == pytest.approx(4 / 3 * t_large["object GEMMs"])
+    assert t_small["epoch"] == pytest.approx(t_small["step"])
+
+
+# Peak RSS of this process's own memory map (VmHWM, reset by exec; getrusage's ru_maxrss
+# is not: a child started from a big pytest process inherits the parent's high-water mark).
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    torch.set_num_threads(2)
+    from cli.main import app
+
+    def status(key):
+        with open("/proc/self/status") as fh:
+            line = next(l for l in fh if l.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    a = torch.randn(256, 256); (a @ a).sum()  # thread pools and kernels up before the baseline
+    base = status("VmRSS")
+    try:
+        app(sys.argv[1:], standalone_mode=False)
+    finally:
+        print("PEAK", json.dumps(status("VmHWM") - base))
+    """
+)
+
+
+def _plan_total(output: str) -> float:
+    match = re.search(r"total\s+([\d.]+) (MiB|GiB)", output)
+    assert match, output
+    return float(match.group(1)) * (plan.GIB if match.group(2) == "GiB" else plan.MIB)
+
+
+def test_plan_is_within_30_percent_of_the_measured_peak(measured_store: Path) -> None:
+    """`ptyinr reconstruct --plan` against the peak RSS increase of the same command run
+    in a fresh process (full batch: 144 windows, a 256-wide SIREN on ~9,000 pixels)."""
+    sets = [a for s in MODEL for a in ("--set", s)]
+    runner = CliRunner()
+    shown = runner.invoke(app, ["reconstruct", str(measured_store), *sets, "--plan"])
+    assert shown.exit_code == 0, shown.output
+    estimate = _plan_total(shown.output)
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, "reconstruct", str(measured_store), *sets, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.split("PEAK")[-1])
+    assert measured > 200 * plan.MIB  # the model, not the interpreter, sets the peak
+    assert abs(estimate - measured) <= 0.3 * measured, (estimate, measured, run.stdout[-3000:])
+
+
+def test_plan_prints_without_reading_frames(
+    measured_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--plan read frames")
+
+    runs = sorted((measured_store / "reconstructions").glob("*"))
+    monkeypatch.setattr("pipeline.store.load_frames", refuse)
+    monkeypatch.setattr(StoreFrames, "read", refuse)
+    result = CliRunner().invoke(
+        app, ["reconstruct", str(measured_store), "--plan", "--set", "train.batch_size=16"]
+    )
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for expected in (
+        "144 positions of 32 x 32",
+        "estimated peak memory per device",
+        "parameters + Adam",
+        "per epoch",
+        "9 steps per epoch",
+    ):
+        assert expected in text.replace("\n", " ") or expected in text
+    assert sorted((measured_store / "reconstructions").glob("*")) == runs
+
+
+def test_plan_refuses_what_cannot_fit(measured_store: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["reconstruct", str(measured_store), "--plan", "--set", "performance.memory_fraction=1e-4"],
+    )
+    assert result.exit_code == 2
+    line = " ".join(result.output.split())
+    assert re.search(r"error: .*scan\.zarr: plan needs [\d.]+ MiB per device but [\d.]+ MiB", line)
+    assert "smaller train.batch_size" in line
+    # a run (not only --plan) refuses before loading anything
+    run = CliRunner().invoke(
+        app, ["reconstruct", str(measured_store), "--set", "performance.memory_fraction=1e-4"]
+    )
+    assert run.exit_code == 2 and "plan needs" in run.output
