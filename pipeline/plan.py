@@ -455,7 +455,7 @@ def estimate_time(
     gemm_rate = rates["gemm_bf16" if config.performance.bf16 else "gemm_fp32"]
     out: dict[str, float] = {}
     if m.object == "siren":
-        out["object GEMMs"] = u * siren_flops_per_pixel(config) / 3.0 * passes / gemm_rate
+        out["object GEMMs"] = u * siren_flops_per_pixel(config) * passes / gemm_rate
         # per layer and pixel: scale + sin forward, cos + 2 products backward, bias grad
         layers = m.siren_hidden_layers + 1
         out["object element-wise"] = 2 * u * layers * m.siren_width * 6 / rates["elementwise"]
