@@ -444,21 +444,17 @@ def runtime_for(
     known_probe: bool,
     parallel: Any = None,
 ) -> Runtime:
-    """Resolve performance.object_tile_pixels and data.stream for this trainer (pipeline.plan).
+    """Resolve object tiles, streamed frames and the CPU heap policy for this trainer.
 
     Explicit settings are obeyed; `auto` choices come from the memory plan of this scan on
-    this device. Lazy frames (a store's dask array) are streamed when they do not fit."""
+    this device (pipeline.plan.resolve_memory). A bounded heap is applied to the process
+    here (glibc's mallopt). Object chunks: performance.object_chunk_pixels, -1 = 4096 px on
+    CPU, none on CUDA."""
     from pipeline import plan
 
-    if device.type == "cpu" and config.performance.bounded_heap:
-        bound_cpu_heap()
     chunk = config.performance.object_chunk_pixels
     if chunk < 0:
         chunk = CPU_CHUNK if device.type == "cpu" else 0
-    tile = config.performance.object_tile_pixels
-    mode = config.data.stream
-    if mode != "auto" and tile > 0:
-        return Runtime(tile, mode == "always", chunk_pixels=chunk)
     world = 1 if parallel is None else parallel.world_size
     wl = plan.workload(geometry, config, world)
     est = plan.resolve_memory(
@@ -469,6 +465,8 @@ def runtime_for(
         known_probe=known_probe,
         available=plan.available_memory(device.type, device.index),
     )
+    if device.type == "cpu" and est.heap == "bounded":
+        bound_cpu_heap()
     return Runtime(est.tile_pixels, est.stream, est, chunk_pixels=chunk)
 
 

@@ -216,8 +216,11 @@ def _spawn_entry(rank: int, job: RankJob, folder: str) -> None:
     try:
         result = run_rank(job, rank, store, local_device=rank)
     except BaseException as exc:  # hand the error to the parent, then fail this process
-        with open(os.path.join(folder, f"error-{rank}.pkl"), "wb") as fh:
+        # atomically: the parent terminates the other ranks as soon as one fails
+        tmp = os.path.join(folder, f"error-{rank}.tmp")
+        with open(tmp, "wb") as fh:
             pickle.dump((type(exc).__name__, str(exc), traceback.format_exc()), fh)
+        os.replace(tmp, os.path.join(folder, f"error-{rank}.pkl"))
         raise
     if rank == 0:
         tmp = os.path.join(folder, "result.tmp")
@@ -291,15 +294,17 @@ def _raise_rank_error(folder: str, world_size: int, exc: Exception) -> None:
     """Re-raise a rank's user-facing error as itself; anything else as a RuntimeError."""
     for rank in range(world_size):
         path = os.path.join(folder, f"error-{rank}.pkl")
-        if os.path.exists(path):
+        try:
             with open(path, "rb") as fh:
                 name, message, text = pickle.load(fh)
-            for kind in (InputError, ReconstructionFailed):
-                if name == kind.__name__ or (
-                    kind is InputError and name in ("ConfigError", "StoreError")
-                ):
-                    raise kind(message) from None
-            raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{text}") from exc
+        except (OSError, EOFError, pickle.UnpicklingError):
+            continue  # this rank did not fail (or was stopped while reporting)
+        for kind in (InputError, ReconstructionFailed):
+            if name == kind.__name__ or (
+                kind is InputError and name in ("ConfigError", "StoreError")
+            ):
+                raise kind(message) from None
+        raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{text}") from exc
     raise RuntimeError(f"data-parallel training failed: {exc}") from exc
 
 

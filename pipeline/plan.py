@@ -10,7 +10,7 @@ Memory model (bytes per device), each term from the code it describes:
   (2 * hidden + 2) * width values, plus ~3 * width of gradient buffers alive during the
   backward pass (4 bytes each, also under bf16 autocast: its measured peak is no lower).
   With tiles (pipeline.memory), the union keeps ~24 B per pixel (indices, complex output)
-  and one tile holds activations;
+  and two tiles hold activations (the backward pass recomputes one while the last frees);
 - probe networks on the Ny x Nx probe grid (hash-grid gathers: 4 corners x levels x (int64
   row + float32 weight), ReLU MLP activations);
 - forward model per frame pixel of the batch: window indices, torch.unique's sort buffers
@@ -22,7 +22,7 @@ Memory model (bytes per device), each term from the code it describes:
   CUDA) and, on CPU, glibc's reuse slack (10 % of the step's tensors, measured).
 
 The CPU constants were measured with peak RSS (VmHWM) of fresh processes; estimates agree
-within 3-15 % on the cases of tests/test_plan.py and benchmarks/bench_scale.py.
+within 20 % on the cases of tests/test_plan.py and benchmarks/bench_scale.py (RESULTS.md).
 
 Time model: FLOPs of the object networks (forward + backward = 3x forward, +1 forward with
 tiles), their element-wise passes (sin, cos, scaling), FFTs (5 N log2 N per transform, 2 per
@@ -64,13 +64,15 @@ FORWARD_BYTES = {"subpixel": 50, "whole": 42}
 # window indices + torch.unique (sort, inverse), per frame pixel; transient before the
 # object networks run, the inverse (8 B) stays
 UNIQUE_BYTES = 40
+# checkpointed tiles whose activations are alive at once during the backward pass
+TILES_ALIVE = 2
 # smallest useful tile; below it kernels get inefficient
 MIN_TILE = 4096
 # frames in flight when streaming: read-ahead depth 2, the current batch, a pinned stage
 STREAM_BATCHES = 4
-# CPU heap kept for reuse when performance.bounded_heap is off, as a share of the step's
-# tensors (measured: 1.06x and 1.15x of the live bytes on the two CPU cases of the tests)
-ALLOCATOR_SLACK = 0.10
+# CPU heap kept for reuse (performance.cpu_heap = reuse), as a share of the step's tensors:
+# measured peaks 1.02-1.37x of the live estimate on the cases of bench_scale and test_plan
+ALLOCATOR_SLACK = 0.40
 # what the torch runtime itself adds once training runs: autograd and intra-op threads,
 # kernel caches, optimiser bookkeeping (CPU: measured, 80 MiB); on CUDA the caching
 # allocator's slack, cuFFT plans and cuBLAS workspaces (not measured here: a GPU estimate)
@@ -241,6 +243,7 @@ class MemoryEstimate:
     available: int
     budget: int
     loading_peak: int = 0  # while the frames are converted, before training starts
+    heap: str = "reuse"  # CPU allocator policy assumed (pipeline.memory.bound_cpu_heap)
 
     @property
     def peak(self) -> int:
@@ -261,15 +264,18 @@ def estimate_memory(
     data_lazy: bool = True,
     known_probe: bool = False,
     available: int = 0,
+    heap: str = "reuse",
 ) -> MemoryEstimate:
-    """Peak memory of one rank for explicit tile / stream choices. `data_lazy`: the frames
-    are read from the store (False: already in this process's RAM as well)."""
+    """Peak memory of one rank for explicit tile / stream / CPU heap choices. `data_lazy`:
+    the frames are read from the store (False: already in this process's RAM as well)."""
     counts = parameter_counts(config, wl, known_probe)
     frame_px = wl.frames_per_rank * wl.frame_pixels
     per_pixel = object_bytes_per_pixel(config)
     u = wl.union_pixels
     if tile_pixels > 0 and u > tile_pixels and config.model.object != "pixels":
-        obj = u * TILED_PIXEL_BYTES + tile_pixels * per_pixel
+        # two tiles' activations: autograd recomputes the next tile before the last one's
+        # buffers are gone (measured: 1.43 GB for a 2 x 0.54 GB + 0.33 GB estimate)
+        obj = u * TILED_PIXEL_BYTES + TILES_ALIVE * tile_pixels * per_pixel
     else:
         obj = u * per_pixel
     forward = frame_px * (FORWARD_BYTES["subpixel" if wl.subpixel else "whole"] + 8)
@@ -292,13 +298,13 @@ def estimate_memory(
         "forward model": step - obj,
         "diffraction data": data,
     }
-    if device_type == "cpu" and not config.performance.bounded_heap:
-        # glibc keeps freed blocks for reuse: measured peaks 3-15 % above the live tensors
+    if device_type == "cpu" and heap == "reuse":
+        # glibc keeps freed blocks for reuse: fragments add up to ~40 % (measured)
         parts["allocator slack"] = int(ALLOCATOR_SLACK * step)
     parts["torch runtime"] = RUNTIME_OVERHEAD.get(device_type, RUNTIME_OVERHEAD["cuda"])
     budget = int(available * config.performance.memory_fraction)
     loading_peak = parts["parameters + Adam"] + max(loading, data)
-    return MemoryEstimate(parts, tile_pixels, stream, available, budget, loading_peak)
+    return MemoryEstimate(parts, tile_pixels, stream, available, budget, loading_peak, heap)
 
 
 def available_memory(device_type: str, device_index: int | None = None) -> int:
@@ -325,40 +331,49 @@ def resolve_memory(
     known_probe: bool = False,
     available: int | None = None,
 ) -> MemoryEstimate:
-    """Choose object tiles and streaming so a rank fits its memory budget.
+    """Choose streaming, the CPU heap policy and object tiles so a rank fits its budget.
 
     Explicit settings are kept (performance.object_tile_pixels > 0, data.stream = always /
-    never). Auto: keep frames resident unless that does not fit, then stream them; no tiles
-    unless the untiled union does not fit, then the largest tile that does. Returns the
-    estimate of the chosen setting, which may still not fit (`fits` is False).
+    never, performance.cpu_heap = reuse / bounded). Auto, fastest first: resident frames,
+    then streamed; the reusing heap, then the bounded one; no tiles, then the largest tile
+    that fits (with the bounded heap: checkpointed tiles under heap reuse were measured at
+    2.9x their live bytes). Returns the chosen estimate, which may still not fit (`fits`).
     """
     if available is None:
         available = available_memory(device_type)
-    mode = config.data.stream
-    stream_options = {"always": [True], "never": [False]}.get(mode, [False, True])
-    tile = config.performance.object_tile_pixels
-    best: MemoryEstimate | None = None
-    for stream in stream_options:
-        est = estimate_memory(
-            wl,
-            config,
-            device_type,
-            tile_pixels=tile,
-            stream=stream,
-            data_lazy=data_lazy,
-            known_probe=known_probe,
-            available=available,
-        )
-        if tile == 0 and not est.fits and config.model.object != "pixels":
-            est = _with_largest_tile(
-                wl, config, device_type, stream, data_lazy, known_probe, available
+    perf = config.performance
+    streams = {"always": [True], "never": [False]}.get(config.data.stream, [False, True])
+    if device_type != "cpu":
+        heaps = ["reuse"]  # no glibc heap on the device; CUDA slack is in the runtime part
+    elif perf.cpu_heap != "auto":
+        heaps = [perf.cpu_heap]
+    elif perf.object_tile_pixels > 0:
+        heaps = ["bounded"]  # tiles were asked for: memory first
+    else:
+        heaps = ["reuse", "bounded"]
+    common = dict(data_lazy=data_lazy, known_probe=known_probe, available=available)
+    candidates: list[MemoryEstimate] = []
+    for stream in streams:
+        for heap in heaps:
+            est = estimate_memory(
+                wl,
+                config,
+                device_type,
+                tile_pixels=perf.object_tile_pixels,
+                stream=stream,
+                heap=heap,
+                **common,
             )
-        if best is None or est.peak < best.peak:
-            best = est
-        if est.fits:
-            return est
-    assert best is not None
-    return best
+            if est.fits:
+                return est
+            candidates.append(est)
+    if perf.object_tile_pixels == 0 and config.model.object != "pixels":
+        for stream in streams:
+            est = _with_largest_tile(wl, config, device_type, stream, heaps[-1], **common)
+            if est.fits:
+                return est
+            candidates.append(est)
+    return min(candidates, key=lambda e: e.peak)
 
 
 def _with_largest_tile(
@@ -366,6 +381,8 @@ def _with_largest_tile(
     config: ReconstructionConfig,
     device_type: str,
     stream: bool,
+    heap: str,
+    *,
     data_lazy: bool,
     known_probe: bool,
     available: int,
@@ -379,6 +396,7 @@ def _with_largest_tile(
             device_type,
             tile_pixels=tile,
             stream=stream,
+            heap=heap,
             data_lazy=data_lazy,
             known_probe=known_probe,
             available=available,
@@ -503,7 +521,8 @@ class Plan:
             f"({wl.frames_per_rank} on the busiest rank, object union {wl.union_pixels} px), "
             f"{wl.steps_per_epoch} steps per epoch",
             f"object tiles: {mem.tile_pixels or 'none'}; frames: "
-            f"{'streamed per batch' if mem.stream else 'resident'}",
+            f"{'streamed per batch' if mem.stream else 'resident'}"
+            + (f"; CPU heap: {mem.heap}" if self.device == "cpu" else ""),
             "estimated peak memory per device:",
         ]
         out += [f"  {name:<22} {_size(value):>10}" for name, value in mem.parts.items()]

@@ -143,23 +143,27 @@ def test_streamed_training_equals_in_memory(store_path: Path) -> None:
 
 
 def test_auto_tiles_only_when_the_union_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    side = np.arange(12) * 7.0 + 8
+    side = np.arange(24) * 7.0 + 8
     positions = np.stack(np.meshgrid(side, side, indexing="ij"), -1).reshape(-1, 2)
     data = ScanData(np.ones((len(positions), 16, 16), np.float32), positions)
     cfg = load_config(overrides=[*TINY, "model.siren_width=512", "train.batch_size=0"])
     grid = ScanGeometry.from_positions(positions, (16, 16))
     roomy = plan.estimate_memory(plan.workload(grid, cfg), cfg, "cpu", tile_pixels=0, stream=False)
     assert roomy.parts["object activations"] > 0.5 * roomy.peak
+    bounded: list[bool] = []
+    monkeypatch.setattr(memory, "bound_cpu_heap", lambda: bounded.append(True))
     monkeypatch.setattr(plan, "available_memory", lambda *a, **k: 2 * roomy.peak)
     plenty = memory.runtime_for(data, cfg, grid, torch.device("cpu"), False)
-    assert (plenty.tile_pixels, plenty.stream) == (0, False)
-    # room for everything but half of the untiled union's activations
-    usable = roomy.peak - roomy.parts["object activations"] // 2
+    assert (plenty.tile_pixels, plenty.stream, plenty.estimate.heap) == (0, False, "reuse")
+    assert not bounded  # the fast heap when everything fits
+    # room for everything but most of the untiled union's activations
+    usable = roomy.peak - int(0.7 * roomy.parts["object activations"])
     tight = int(usable / cfg.performance.memory_fraction)
     monkeypatch.setattr(plan, "available_memory", lambda *a, **k: tight)
     short = memory.runtime_for(data, cfg, grid, torch.device("cpu"), False)
     assert short.tile_pixels >= plan.MIN_TILE and short.estimate.fits
     assert short.estimate.peak <= usable
+    assert short.estimate.heap == "bounded" and bounded == [True]  # RSS must track the plan
 
 
 def test_auto_streams_a_scan_that_does_not_fit() -> None:
