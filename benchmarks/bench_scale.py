@@ -20,7 +20,7 @@ Sections (each result also lands in <workdir>/bench_scale.json; --write appends/
    needs to reach the baseline's object error at the end of its time budget;
 3. training-step throughput: SIREN FLOPs (forward + backward = 3 x forward) of a step's
    object-pixel union / step time, as a fraction of the GEMM rate of the same precision
-   (from section 2's steps: eager fp32, fp32 torch.compile, bf16 autocast + compile);
+   (from section 2's steps: fp32 eager, the default (precision auto) eager, bf16 + compile);
 4. time per step/epoch and peak memory vs positions (1k-40k, 64 x 64) and frame size
    (64, 128, 220; 1k positions), each in a fresh process (peak = VmHWM - baseline RSS),
    with a small mini-batch and 2 timed steps; per-epoch times are extrapolated (steps per
@@ -51,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 SECTION = "## Scale and speed (issue 6)"
 LABELS = (
     ("authors", "authors' approach (fp32 SIREN, complex128)"),
-    ("ours", "ours, default (fp32, eager)"),
-    ("ours_compiled", "ours, fp32 + torch.compile"),
-    ("ours_fast", "ours, bf16 autocast + torch.compile"),
+    ("ours_fp32", "ours, fp32 (eager)"),
+    ("ours", "ours, default (precision auto, eager)"),
+    ("ours_fast", "ours, bf16 + torch.compile"),
 )
 
 
@@ -229,13 +229,13 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
         return Trainer(loaded.data, cfg)
 
     started = time.perf_counter()
-    ours = build([])
+    ours = build([])  # the defaults: precision auto
     init_s = time.perf_counter() - started
     # same initial weights without a second probe warm start (it is deterministic anyway)
     variants = {
-        "ours_compiled": build(["performance.compile=true", "model.probe_init_steps=0"]),
+        "ours_fp32": build(["performance.precision=fp32", "model.probe_init_steps=0"]),
         "ours_fast": build(
-            ["performance.bf16=true", "performance.compile=true", "model.probe_init_steps=0"]
+            ["performance.precision=bf16", "performance.compile=true", "model.probe_init_steps=0"]
         ),
     }
     for other in variants.values():
@@ -246,7 +246,7 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     print(f"  versus: {n} positions, batch {batch}, trainer init {init_s:.0f} s", flush=True)
     methods: dict[str, dict[str, Any]] = {
         name: {"seconds": 0.0, "steps": 0, "curve": [], "step_times": [], "unions": []}
-        for name in ("authors", "ours", "ours_compiled", "ours_fast")
+        for name in ("authors", "ours_fp32", "ours", "ours_fast")
     }
     schedule: list[np.ndarray] = []
     epoch = 0
@@ -320,6 +320,7 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
         "batch": batch,
         "object_shape": list(geometry.object_shape),
         "budget_s": budget_s,
+        "default_precision": plan.object_precision(base, "cpu"),
         "trainer_init_s": init_s,
         "target_error": target,
         "reached_s": reached,
@@ -487,7 +488,7 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
     """Section 6: each memory / speed switch alone on the paper case (batch n/31), step time
     and peak RSS in a fresh process per setting."""
     settings = {
-        "default (chunks of 4096 px; cpu_heap auto = reuse here)": [],
+        "default (precision auto; chunks of 4096 px; cpu_heap auto = reuse here)": [],
         "object_chunk_pixels=0 (whole union at once)": ["performance.object_chunk_pixels=0"],
         "cpu_heap=bounded (freed tensors unmapped)": ["performance.cpu_heap=bounded"],
         "object_tile_pixels=16384 (checkpointed tiles; auto heap = bounded)": [
@@ -498,7 +499,7 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
             "performance.cpu_heap=reuse",
         ],
         "data.stream=always (frames read per batch)": ["data.stream=always"],
-        "bf16=true (autocast, eager)": ["performance.bf16=true"],
+        "precision=fp32 (instead of auto)": ["performance.precision=fp32"],
     }
     out = {}
     for label, extra in settings.items():
@@ -655,7 +656,7 @@ def report(res: dict[str, Any], command: str) -> str:
                 + ("not reached" if smooth is None else f"{smooth / a['seconds']:.2f} of theirs")
                 + "."
             )
-        fp32 = {s: e for s, _, e in am["ours"]["curve"]}
+        fp32 = {s: e for s, _, e in am["ours_fp32"]["curve"]}
         bf16 = {s: e for s, _, e in am["ours_fast"]["curve"]}
         rounded = {s: e for s, _, e in a["curve"]}
         both = sorted(set(fp32) & set(bf16) & set(rounded) - {0})
@@ -673,7 +674,8 @@ def report(res: dict[str, Any], command: str) -> str:
         ]
         lines.append("")
     if va:
-        o, c, f = (va["methods"][k] for k in ("ours", "ours_compiled", "ours_fast"))
+        o, d, f = (va["methods"][k] for k in ("ours_fp32", "ours", "ours_fast"))
+        dp = va.get("default_precision", "fp32")
         lines += [
             "### Training-step throughput vs this machine's GEMM",
             "",
@@ -684,14 +686,15 @@ def report(res: dict[str, Any], command: str) -> str:
             "",
             "| step | SIREN GFLOP/s | fraction of GEMM |",
             "|---|---|---|",
-            f"| fp32 eager (default) | {o['siren_gflops_per_s']:.0f} | "
+            f"| fp32 eager | {o['siren_gflops_per_s']:.0f} | "
             f"{o['siren_gflops_per_s'] * 1e9 / r['gemm_fp32']:.0%} of fp32 |",
-            f"| fp32 torch.compile | {c['siren_gflops_per_s']:.0f} | "
-            f"{c['siren_gflops_per_s'] * 1e9 / r['gemm_fp32']:.0%} of fp32 (first step incl. "
-            f"compile {c['first_step_s']:.0f} s) |",
-            f"| bf16 autocast + compile | {f['siren_gflops_per_s']:.0f} | "
+            f"| default (precision auto = {dp} here), eager | {d['siren_gflops_per_s']:.0f} | "
+            f"{d['siren_gflops_per_s'] * 1e9 / r['gemm_' + dp]:.0%} of {dp}, "
+            f"{d['siren_gflops_per_s'] * 1e9 / r['gemm_fp32']:.0%} of fp32 |",
+            f"| bf16 + compile | {f['siren_gflops_per_s']:.0f} | "
             f"{f['siren_gflops_per_s'] * 1e9 / r['gemm_bf16']:.0%} of bf16, "
-            f"{f['siren_gflops_per_s'] * 1e9 / r['gemm_fp32']:.0%} of fp32 |",
+            f"{f['siren_gflops_per_s'] * 1e9 / r['gemm_fp32']:.0%} of fp32 (first step incl. "
+            f"compile {f['first_step_s']:.0f} s) |",
             "",
         ]
     sc = res.get("scaling")
@@ -754,7 +757,7 @@ def report(res: dict[str, Any], command: str) -> str:
     sw = res.get("switches")
     if sw:
         lines += [
-            "### Each switch alone (paper case, batch n/31, fp32 unless stated)",
+            "### Each switch alone (paper case, batch n/31; default precision unless stated)",
             "",
             "Fresh process per setting, frames read lazily from the store, median of 3 steps "
             "after a warm-up step; peak = VmHWM - RSS before the trainer.",

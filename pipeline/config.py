@@ -101,7 +101,13 @@ class PerformanceConfig(_Section):
         0.9, gt=0, le=1.0, description="share of free device memory (RAM on CPU) a run may plan"
     )
     tf32: bool = Field(False, description="TF32 tensor-core matmuls on CUDA")
-    bf16: bool = Field(False, description="bfloat16 autocast for the object networks")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="object networks' hidden layers: bf16 runs the width x width GEMMs in "
+        "bfloat16 (first layer, head, physics and loss stay float32); auto = bf16 where the "
+        "device multiplies bf16 natively (CUDA compute capability >= 8, CPUs with AMX), fp32 "
+        "elsewhere. Accuracy and speed: benchmarks/bench_precision.py",
+    )
     compile: bool = Field(False, description="torch.compile the object networks")
     pin_memory: bool = Field(
         True, description="pinned host buffers and non_blocking copies for streamed frames (CUDA)"

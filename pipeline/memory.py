@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import PerformanceConfig, ReconstructionConfig
+from pipeline.config import ReconstructionConfig
 
 # object pixels per plain forward chunk on CPU (performance.object_chunk_pixels = -1)
 CPU_CHUNK = 4096
@@ -96,36 +96,6 @@ def _sample(
         return field.sample(flat_index)
     with torch.autocast(flat_index.device.type, dtype=autocast_dtype):
         return field.sample(flat_index)
-
-
-def _to_float32(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: a network's output back to float32 (amplitude/phase maths stay fp32)."""
-    return output.float()
-
-
-def prepare_object_field(
-    field: torch.nn.Module, performance: PerformanceConfig, device: torch.device
-) -> torch.dtype | None:
-    """Apply the switchable fast paths to an object field; returns the autocast dtype or None.
-
-    - tf32: TF32 matmuls for the whole process (CUDA only; a no-op on CPU);
-    - bf16: the object networks run under bfloat16 autocast, their outputs cast back to
-      float32 by a forward hook (state_dict keys unchanged, checkpoints interchangeable);
-    - compile: `nn.Module.compile` of each object network in place (state_dict unchanged).
-    """
-    if performance.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    nets = [m for name in ("amplitude_net", "phase_net") if (m := getattr(field, name, None))]
-    autocast_dtype = None
-    if performance.bf16 and nets:
-        autocast_dtype = torch.bfloat16
-        for net in nets:
-            net.register_forward_hook(_to_float32)
-    if performance.compile and nets:
-        for net in nets:
-            net.compile(dynamic=True)
-    return autocast_dtype
 
 
 # --------------------------------------------------------------------------------- streaming
@@ -493,7 +463,6 @@ __all__ = [
     "is_lazy",
     "materialize",
     "open_stream",
-    "prepare_object_field",
     "runtime_for",
     "sample_object",
     "spread_subset",

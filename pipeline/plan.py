@@ -202,15 +202,29 @@ def parameter_counts(config: ReconstructionConfig, wl: Workload, known_probe: bo
 # --------------------------------------------------------------------------------- memory
 
 
-def object_bytes_per_pixel(config: ReconstructionConfig) -> int:
-    """Activations the object networks keep per union pixel until backward (+ grad buffers)."""
+def object_precision(config: ReconstructionConfig, device_type: str) -> str:
+    """performance.precision resolved for a device kind (pipeline.fastpaths)."""
+    import torch
+
+    from pipeline.fastpaths import resolve_precision
+
+    return resolve_precision(config.performance, torch.device(device_type))
+
+
+def object_bytes_per_pixel(config: ReconstructionConfig, precision: str = "fp32") -> int:
+    """Activations the object networks keep per union pixel until backward (+ grad buffers).
+
+    Per SIREN and pixel, autograd keeps each sine's input and each linear layer's input:
+    float32, 2 values per layer but the first (coordinates: negligible) plus the head's
+    input. With bf16 hidden layers (pipeline.fastpaths) the hidden layers keep theirs in
+    bfloat16, the first sine's input and the head's input stay float32."""
     m = config.model
-    # bf16 autocast would halve the saved values, but measured peaks on CPU are the same as
-    # fp32 (2.36 vs 2.51 GB on the paper case): count 4 bytes
-    value = 4
     if m.object == "siren":
         w, h = m.siren_width, m.siren_hidden_layers
-        per_net = (2 * h + 2) * w * value
+        if precision == "bf16":
+            per_net = (4 + 2 * 2 * h + 4) * w
+        else:
+            per_net = (2 * h + 2) * w * 4
         return 2 * per_net + 3 * w * 4 + OBJECT_PIXEL_OVERHEAD
     if m.object == "hashgrid":
         levels = m.hash_levels
@@ -270,7 +284,7 @@ def estimate_memory(
     the frames are read from the store (False: already in this process's RAM as well)."""
     counts = parameter_counts(config, wl, known_probe)
     frame_px = wl.frames_per_rank * wl.frame_pixels
-    per_pixel = object_bytes_per_pixel(config)
+    per_pixel = object_bytes_per_pixel(config, object_precision(config, device_type))
     u = wl.union_pixels
     if tile_pixels > 0 and u > tile_pixels and config.model.object != "pixels":
         # two tiles' activations: autograd recomputes the next tile before the last one's
@@ -463,14 +477,19 @@ def siren_flops_per_pixel(config: ReconstructionConfig) -> float:
 
 
 def estimate_time(
-    wl: Workload, config: ReconstructionConfig, rates: dict, tile_pixels: int = 0
+    wl: Workload,
+    config: ReconstructionConfig,
+    rates: dict,
+    tile_pixels: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """Seconds per step by part and per epoch (the busiest rank sets the pace)."""
+    """Seconds per step by part and per epoch (the busiest rank sets the pace); `precision`
+    is the object networks' resolved precision (pipeline.fastpaths.resolve_precision)."""
     m = config.model
     u = wl.union_pixels
     tiled = tile_pixels > 0 and u > tile_pixels
     passes = 4.0 if tiled else 3.0  # forward + backward (2x), + recompute
-    gemm_rate = rates["gemm_bf16" if config.performance.bf16 else "gemm_fp32"]
+    gemm_rate = rates["gemm_bf16" if precision == "bf16" else "gemm_fp32"]
     out: dict[str, float] = {}
     if m.object == "siren":
         out["object GEMMs"] = u * siren_flops_per_pixel(config) * passes / gemm_rate
@@ -507,6 +526,7 @@ class Plan:
     memory: MemoryEstimate
     time: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
+    precision: str = ""  # resolved object-network precision, when the time was estimated
 
     @property
     def fits(self) -> bool:
@@ -522,7 +542,8 @@ class Plan:
             f"{wl.steps_per_epoch} steps per epoch",
             f"object tiles: {mem.tile_pixels or 'none'}; frames: "
             f"{'streamed per batch' if mem.stream else 'resident'}"
-            + (f"; CPU heap: {mem.heap}" if self.device == "cpu" else ""),
+            + (f"; CPU heap: {mem.heap}" if self.device == "cpu" else "")
+            + (f"; object networks: {self.precision}" if self.precision else ""),
             "estimated peak memory per device:",
         ]
         out += [f"  {name:<22} {_size(value):>10}" for name, value in mem.parts.items()]
@@ -571,11 +592,13 @@ def make_plan(
         available=available,
     )
     times: dict[str, float] = {}
+    precision = ""
     if with_time:
         if rates is None:
             rates = calibrate(device_type, config.model.siren_width, wl.frame_shape)
-        times = estimate_time(wl, config, rates, mem.tile_pixels)
-    return Plan(device_type, wl, mem, times, rates or {})
+        precision = object_precision(config, device_type)
+        times = estimate_time(wl, config, rates, mem.tile_pixels, precision)
+    return Plan(device_type, wl, mem, times, rates or {}, precision)
 
 
 def plan_for_store(

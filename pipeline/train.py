@@ -27,7 +27,7 @@ import xarray as xr
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn import functional
 
-from pipeline import __version__, memory
+from pipeline import __version__, fastpaths, memory
 from pipeline.config import ReconstructionConfig
 from pipeline.errors import InputError, ReconstructionFailed
 from pipeline.models.fields import (
@@ -235,7 +235,7 @@ class Trainer:
             groups.append({"params": probe_params, "lr": train.lr_probe})
         self.optimizer = torch.optim.Adam(groups)
         self._parameters = [p for group in groups for p in group["params"]]
-        self.autocast_dtype = memory.prepare_object_field(
+        self.autocast_dtype = fastpaths.prepare_object_field(
             self.object, config.performance, self.device
         )
         if parallel is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 from pydantic import ValidationError
@@ -51,6 +52,10 @@ def test_defaults_file_is_the_embedded_defaults():
     assert load_config("defaults") == ReconstructionConfig()
     assert load_config(preset_path("defaults")) == ReconstructionConfig()
     assert load_config() == ReconstructionConfig()
+    # and it documents every key: users copy it to start their own preset
+    written = tomllib.loads(preset_path("defaults").read_text())
+    for section, model in ReconstructionConfig.model_fields.items():
+        assert set(written[section]) == set(model.annotation.model_fields), section
 
 
 def test_every_preset_validates_with_its_simulation():

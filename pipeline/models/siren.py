@@ -57,5 +57,19 @@ class Siren(nn.Module):
             self.head.weight.uniform_(-bound, bound)
             self.head.bias.zero_()
 
+        # set by pipeline.fastpaths.prepare_object_field for the bf16 fast path
+        self.hidden_dtype: torch.dtype | None = None
+
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(coords))
+        if self.hidden_dtype is None:
+            return self.head(self.body(coords))
+        # Mixed precision: only the width x width layers (all of the FLOPs) run in
+        # hidden_dtype. The first layer stays float32 because omega * (W x) reaches ~15 rad,
+        # where bfloat16's 8-bit mantissa would blur the coordinate encoding by ~0.06 rad;
+        # the head stays float32 so amplitude and phase keep float32 resolution.
+        first, *hidden = self.body
+        x = first(coords.float())
+        with torch.autocast(x.device.type, dtype=self.hidden_dtype):
+            for layer in hidden:
+                x = layer(x)
+        return self.head(x.float())

@@ -1,0 +1,135 @@
+"""Mixed precision of the object networks (pipeline.fastpaths, models.siren)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from pipeline import evaluate, fastpaths
+from pipeline.config import load_config
+from pipeline.models.fields import build_object_field
+from pipeline.models.siren import Siren
+from pipeline.simulate import SimulationConfig, simulate_scan
+from pipeline.train import ScanData, reconstruct
+
+
+def _coords(n: int = 2048) -> torch.Tensor:
+    return torch.rand(n, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_bf16_runs_only_the_hidden_layers_in_bfloat16() -> None:
+    torch.manual_seed(0)
+    net = Siren(2, 1, width=64, hidden_layers=2)
+    seen: dict[str, torch.dtype] = {}
+    for name, module in [("first", net.body[0]), ("hidden", net.body[1]), ("head", net.head)]:
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    x = _coords()
+    reference = net(x).detach()
+    net.hidden_dtype = torch.bfloat16
+    mixed = net(x)
+    assert seen == {"first": torch.float32, "hidden": torch.bfloat16, "head": torch.float32}
+    assert mixed.dtype == torch.float32
+    mixed.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+    gap = float((mixed.detach() - reference).norm() / reference.norm())
+    assert 1e-4 < gap < 5e-2  # bfloat16 was used, and stays close
+
+
+def test_float32_first_layer_is_more_accurate_than_whole_network_autocast() -> None:
+    """Why the first layer stays float32: omega * W x reaches ~15 rad, where bfloat16's
+    spacing (0.06 rad) blurs the coordinate encoding; judged against float64."""
+    torch.manual_seed(0)
+    net = Siren(2, 1, width=256, hidden_layers=3)
+    x = _coords()
+    exact = net.double()(x.double()).detach()
+    net.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = net(x).float().detach()
+    net.hidden_dtype = torch.bfloat16
+    mixed = net(x).detach().double()
+
+    def error(y: torch.Tensor) -> float:
+        return float((y.double() - exact).norm() / exact.norm())
+
+    assert error(mixed) < 0.5 * error(whole)
+
+
+def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    for explicit in ("fp32", "bf16"):
+        cfg = load_config(overrides=[f"performance.precision={explicit}"])
+        assert fastpaths.resolve_precision(cfg.performance, cpu) == explicit
+    auto = load_config().performance
+    assert auto.precision == "auto"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(fastpaths, "native_bf16", lambda device, n=native: n)
+        assert fastpaths.resolve_precision(auto, cpu) == expected
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path: Path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    cpu = torch.device("cpu")
+    assert fastpaths.native_bf16(cpu, str(amx))
+    assert not fastpaths.native_bf16(cpu, str(plain))  # emulated bf16 is no faster
+    assert not fastpaths.native_bf16(cpu, str(tmp_path / "missing"))
+    assert not fastpaths.native_bf16(torch.device("meta"))
+
+
+@pytest.mark.parametrize("kind", ["siren", "hashgrid"])
+def test_prepare_object_field_per_network_kind(kind: str) -> None:
+    cfg = load_config(
+        overrides=[f"model.object={kind}", "model.siren_width=32", "performance.precision=bf16"]
+    )
+    field = build_object_field((20, 24), cfg.model)
+    dtype = fastpaths.prepare_object_field(field, cfg.performance, torch.device("cpu"))
+    if kind == "siren":
+        assert dtype is None  # the SIRENs cast their hidden layers themselves
+        assert field.amplitude_net.hidden_dtype == torch.bfloat16
+    else:
+        assert dtype == torch.bfloat16  # whole network under autocast
+        with torch.autocast("cpu", dtype=dtype):
+            values = field.sample(torch.arange(100))
+        assert values.dtype == torch.complex64
+
+
+def test_bf16_known_probe_reconstruction_matches_fp32() -> None:
+    """The same small reconstruction in both precisions reaches the same object quality."""
+    sim = simulate_scan(
+        SimulationConfig(object_size=40, probe_size=16, focus_fwhm_px=3, overlap=0.3)
+    )
+    data = ScanData(np.asarray(sim["intensities"]), np.asarray(sim["positions_px"]))
+    n = sim["object"].shape[0]
+    truth = xr.DataArray(
+        np.asarray(sim["object"]),
+        dims=("y", "x"),
+        coords={"y": np.arange(n, dtype=float), "x": np.arange(n, dtype=float)},
+    )
+    errors = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(
+            overrides=[
+                "model.siren_width=64",
+                "model.siren_hidden_layers=2",
+                "train.lr_object=3e-3",
+                "train.batch_size=64",
+                "train.epochs=60",
+                "train.threads=1",
+                "train.device=cpu",
+                f"performance.precision={precision}",
+            ]
+        )
+        result = reconstruct(data, cfg, known_probe=np.asarray(sim["probe"]), progress=False)
+        interior = evaluate.scanned_interior(
+            result.geometry.object_shape, result.geometry.window_centres_on_grid()
+        )
+        scores = evaluate.compare_object(result.object, truth, mask=interior, remove_ramp=False)
+        errors[precision] = scores["relative_error"]
+    assert errors["fp32"] < 0.15
+    assert errors["bf16"] == pytest.approx(errors["fp32"], abs=0.02)
