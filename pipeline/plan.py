@@ -37,7 +37,6 @@ counts (a 2-D difference array) of a few of the first epoch's batches.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,18 +321,72 @@ def estimate_memory(
 
 
 def available_memory(device_type: str, device_index: int | None = None) -> int:
-    """Free bytes on the device: torch.cuda.mem_get_info on CUDA, available RAM on CPU."""
+    """Free bytes on the device: torch.cuda.mem_get_info on CUDA; on CPU the available RAM,
+    or less where this process's cgroup limit leaves less (a SLURM job's --mem, a
+    container): the node's free RAM is not the job's."""
     if device_type == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info(device_index)
         return int(free)
-    try:
-        import psutil
+    import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a dependency of distributed
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    free = int(psutil.virtual_memory().available)
+    limited = cgroup_free_bytes()
+    return free if limited is None else min(free, limited)
+
+
+# a cgroup "limit" at or above this is no limit (v1 writes 2**63 rounded down to pages)
+_NO_LIMIT = 1 << 60
+
+
+def cgroup_free_bytes(
+    root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup"
+) -> int | None:
+    """Bytes this process may still allocate under its memory cgroups (v1 or v2), or None
+    when no limit applies or none can be read. Every level from the process's own cgroup up
+    to the mount's root counts (a job step inherits its job's limit); reclaimable page cache
+    (inactive_file) counts as free."""
+    root = Path(root)
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        _id, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":  # v2 unified hierarchy
+            base, files, cache = root, ("memory.max", "memory.current"), "inactive_file"
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            files, cache = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_inactive_file"
+        else:
+            continue
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            free = _cgroup_level_free(base.joinpath(*parts[:depth]), *files, cache)
+            if free is not None:
+                best = free if best is None else min(best, free)
+    return best
+
+
+def _cgroup_level_free(folder: Path, limit_file: str, usage_file: str, cache: str) -> int | None:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        usage = int((folder / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
+        return None
+    reclaimable = 0
+    try:
+        for stat in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = stat.partition(" ")
+            if key == cache:
+                reclaimable = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(int(limit_text) - usage + reclaimable, 0)
 
 
 def resolve_memory(

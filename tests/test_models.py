@@ -22,13 +22,7 @@ from pipeline.models.siren import Siren
 PRIME_Y = 2654435761
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread (two threads on a busy 2-core box run ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_encoding(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from tiny import TINY_MODEL
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
@@ -28,14 +29,7 @@ from pipeline.simulate import SimulationConfig, simulate_scan, write_simulated_s
 from pipeline.train import ScanData, Trainer
 
 TINY = [
-    "model.siren_width=32",
-    "model.siren_hidden_layers=1",
-    "model.hash_levels=4",
-    "model.hash_log2_table_size=10",
-    "model.probe_init_steps=20",
-    "train.lr_object=1e-3",
-    "train.lr_probe=1e-3",
-    "train.threads=1",
+    *TINY_MODEL,
     "train.device=cpu",
     "train.epochs=3",
     # equality of 1 and K ranks is a float32 property: under bf16 each rank rounds its

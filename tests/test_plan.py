@@ -167,3 +167,52 @@ def test_plan_refuses_what_cannot_fit(measured_store: Path) -> None:
         app, ["reconstruct", str(measured_store), "--set", "performance.memory_fraction=1e-4"]
     )
     assert run.exit_code == 2 and "plan needs" in run.output
+
+
+def _cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_cgroup_v2_limit_of_a_slurm_step_and_its_job(tmp_path: Path) -> None:
+    """A job's --mem caps its steps: the tightest level counts, page cache is reclaimable."""
+    root = tmp_path / "cgroup"
+    job = root / "system.slice" / "slurmstepd.scope" / "job_7"
+    _cgroup(root, {"memory.max": "max", "memory.current": "999999999"})
+    _cgroup(job, {"memory.max": str(8 << 30), "memory.current": str(3 << 30)})
+    _cgroup(
+        job / "step_0",
+        {
+            "memory.max": "max",
+            "memory.current": str(2 << 30),
+            "memory.stat": f"anon 1\ninactive_file {1 << 30}\nactive_file 5\n",
+        },
+    )
+    self_cgroup = tmp_path / "self"
+    self_cgroup.write_text("0::/system.slice/slurmstepd.scope/job_7/step_0\n")
+    assert plan.cgroup_free_bytes(root, self_cgroup) == 5 << 30  # the job's 8 - 3 GiB
+    _cgroup(job, {"memory.stat": f"inactive_file {2 << 30}\n"})
+    assert plan.cgroup_free_bytes(root, self_cgroup) == 7 << 30
+
+
+def test_cgroup_v1_and_no_limit(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    _cgroup(
+        root / "memory" / "slurm" / "job_3",
+        {"memory.limit_in_bytes": str(4 << 30), "memory.usage_in_bytes": str(1 << 30)},
+    )
+    self_cgroup = tmp_path / "self"
+    self_cgroup.write_text("5:cpu,cpuacct:/slurm/job_3\n4:memory:/slurm/job_3\n0::/\n")
+    assert plan.cgroup_free_bytes(root, self_cgroup) == 3 << 30
+    # v1 writes "no limit" as 2**63 rounded down to a page
+    _cgroup(root / "memory" / "slurm" / "job_3", {"memory.limit_in_bytes": "9223372036854771712"})
+    assert plan.cgroup_free_bytes(root, self_cgroup) is None
+    assert plan.cgroup_free_bytes(root, tmp_path / "missing") is None
+
+
+def test_available_memory_respects_the_cgroup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "cgroup_free_bytes", lambda: 123 << 20)
+    assert plan.available_memory("cpu") == 123 << 20
+    monkeypatch.setattr(plan, "cgroup_free_bytes", lambda: None)
+    assert plan.available_memory("cpu") > 123 << 20

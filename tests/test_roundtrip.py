@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
+from tiny import TINY_MODEL
 
 from pipeline import store
 from pipeline.config import load_config
@@ -22,26 +22,10 @@ from pipeline.reconstruct import reconstruct_store
 from pipeline.simulate import SimulationConfig, simulate_scan
 from pipeline.train import ScanData, reconstruct
 
-CONFIG = [
-    "model.siren_width=16",
-    "model.siren_hidden_layers=1",
-    "model.hash_levels=4",
-    "model.hash_log2_table_size=10",
-    "model.probe_init_steps=20",
-    "train.epochs=3",
-    "train.lr_object=1e-3",
-    "train.lr_probe=1e-3",
-    "train.threads=1",
-    "train.device=cpu",
-]
+CONFIG = [*TINY_MODEL, "model.siren_width=16", "train.epochs=3", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def export_hdf5(path: Path, sim: dict, config: SimulationConfig) -> dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from slurm_support import queued_job_ids, wait_for_state
+from tiny import TINY_MODEL
 from typer.testing import CliRunner
 
 from pipeline import store
@@ -29,15 +30,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
-    "model.siren_width=32",
-    "model.siren_hidden_layers=1",
-    "model.hash_levels=4",
-    "model.hash_log2_table_size=10",
-    "model.probe_init_steps=20",
-    "train.lr_object=1e-3",
-    "train.lr_probe=1e-3",
+    *TINY_MODEL,
     "train.batch_size=32",  # several steps per epoch: checkpoints fall inside training
-    "train.threads=1",
 ]
 
 

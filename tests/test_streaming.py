@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from pipeline import fastpaths, memory, plan
 from pipeline.config import load_config
@@ -20,14 +21,7 @@ from pipeline.simulate import SimulationConfig, write_simulated_store
 from pipeline.train import ScanData, Trainer
 
 TINY = [
-    "model.siren_width=32",
-    "model.siren_hidden_layers=1",
-    "model.hash_levels=4",
-    "model.hash_log2_table_size=10",
-    "model.probe_init_steps=20",
-    "train.lr_object=1e-3",
-    "train.lr_probe=1e-3",
-    "train.threads=1",
+    *TINY_MODEL,
     "train.device=cpu",
     "train.epochs=3",
     "train.batch_size=30",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from tiny import TINY_MODEL
 
 from pipeline import evaluate
 from pipeline.config import load_config
@@ -23,25 +24,10 @@ from pipeline.physics import ScanGeometry
 from pipeline.simulate import SimulationConfig, simulate_scan
 from pipeline.train import Reconstruction, ScanData, Trainer, batches, reconstruct
 
-TINY = [
-    "model.siren_width=32",
-    "model.siren_hidden_layers=1",
-    "model.hash_levels=4",
-    "model.hash_log2_table_size=10",
-    "model.probe_init_steps=50",
-    "train.lr_object=1e-3",
-    "train.lr_probe=1e-3",
-    "train.threads=1",
-    "train.device=cpu",
-]
+TINY = [*TINY_MODEL, "model.probe_init_steps=50", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
