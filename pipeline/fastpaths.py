@@ -38,6 +38,31 @@ def resolve_precision(performance: PerformanceConfig, device: torch.device) -> s
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def _object_nets(field: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for name in ("amplitude_net", "phase_net") if (m := getattr(field, name, None))]
+
+
+def set_object_precision(field: torch.nn.Module, precision: str) -> torch.dtype | None:
+    """Switch an object field's networks to "bf16" or "fp32" (also mid-run: no state
+    changes, only how the next forward passes compute). Returns the autocast dtype that
+    `memory.sample_object` must apply around non-SIREN networks, or None.
+
+    SIRENs run their hidden layers in bfloat16 themselves (first layer and head stay
+    float32, models.siren); other networks run whole under autocast, their outputs cast back
+    to float32 by a forward hook."""
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    autocast_dtype = None
+    for net in _object_nets(field):
+        if isinstance(net, Siren):
+            net.hidden_dtype = dtype
+        elif dtype is not None:
+            autocast_dtype = dtype
+            if not getattr(net, "_ptyinr_float32_hook", False):
+                net.register_forward_hook(_to_float32)
+                net._ptyinr_float32_hook = True
+    return autocast_dtype
+
+
 def prepare_object_field(
     field: torch.nn.Module, performance: PerformanceConfig, device: torch.device
 ) -> torch.dtype | None:
@@ -45,24 +70,15 @@ def prepare_object_field(
     `sample_object` must apply around the networks, or None.
 
     - tf32: TF32 matmuls for the whole process (CUDA only; a no-op on CPU);
-    - precision bf16: SIRENs run their hidden layers in bfloat16 themselves (first layer and
-      head stay float32, models.siren); other networks run whole under bfloat16 autocast,
-      their outputs cast back to float32 by a forward hook. State_dict keys are unchanged,
-      so checkpoints are interchangeable between precisions;
+    - precision: see set_object_precision (state_dict keys are unchanged, so checkpoints are
+      interchangeable between precisions);
     - compile: `nn.Module.compile` of each object network in place (state_dict unchanged).
     """
     if performance.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    nets = [m for name in ("amplitude_net", "phase_net") if (m := getattr(field, name, None))]
-    autocast_dtype = None
-    if nets and resolve_precision(performance, device) == "bf16":
-        for net in nets:
-            if isinstance(net, Siren):
-                net.hidden_dtype = torch.bfloat16
-            else:
-                autocast_dtype = torch.bfloat16
-                net.register_forward_hook(_to_float32)
+    nets = _object_nets(field)
+    autocast_dtype = set_object_precision(field, resolve_precision(performance, device))
     if performance.compile and nets:
         for net in nets:
             net.compile(dynamic=True)

@@ -60,11 +60,11 @@ def test_float32_first_layer_is_more_accurate_than_whole_network_autocast() -> N
 
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
+    assert load_config().performance.precision == "fp32"  # bf16 costs accuracy: opt-in
     for explicit in ("fp32", "bf16"):
         cfg = load_config(overrides=[f"performance.precision={explicit}"])
         assert fastpaths.resolve_precision(cfg.performance, cpu) == explicit
-    auto = load_config().performance
-    assert auto.precision == "auto"
+    auto = load_config(overrides=["performance.precision=auto"]).performance
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(fastpaths, "native_bf16", lambda device, n=native: n)
         assert fastpaths.resolve_precision(auto, cpu) == expected
