@@ -759,14 +759,22 @@ def report(res: dict[str, Any], command: str) -> str:
         if big:
             b = big[0]
             total = b["siren_flops_per_epoch_authors_batch"] * 300
+            full_total = (
+                b["object_shape"][0] * b["object_shape"][1] * siren_flops_per_pixel() * 4.0 * 300
+            )
             lines += [
                 f"The paper's largest case (40,401 x 220 x 220; synthetic frames streamed, "
                 f"object {b['object_shape'][0]}² px at 11 px steps): at the authors' batch "
                 f"({b['plan_authors_batch']} positions, union {b['plan_authors_union_px']} px) "
                 f"300 epochs are {total:.2e} SIREN FLOPs; finishing them in 10 minutes needs "
-                f"{total / 600 / 1e12:.0f} TFLOP/s sustained on the SIREN GEMMs. Not measured "
-                "on a GPU here (none lent to this task); the object field size, set by the "
-                "scan step, decides it.",
+                f"{total / 600 / 1e12:.0f} TFLOP/s sustained on the SIREN GEMMs, beyond one "
+                "GPU's bf16 peak. Full batch (one step per epoch, the whole "
+                f"{b['object_shape'][0] * b['object_shape'][1]:,} px field, checkpointed "
+                "tiles: 4 passes instead of 3) needs "
+                f"{full_total:.2e} FLOPs, {full_total / 600 / 1e12:.0f} TFLOP/s for 10 "
+                "minutes: within reach of one H100/H200 in TF32 or bf16. Not measured on a "
+                "GPU here (none lent to this task); `ptyinr reconstruct STORE --plan --set "
+                "train.batch_size=0` on the GPU node prints its estimate.",
                 "",
             ]
     sw = res.get("switches")

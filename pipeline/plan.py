@@ -8,7 +8,7 @@ Memory model (bytes per device), each term from the code it describes:
 - object networks: activations autograd saves for the backward pass, per pixel of the
   batch's union and per SIREN: a sine layer keeps its input and its pre-activation, so
   (2 * hidden + 2) * width values, plus ~3 * width of gradient buffers alive during the
-  backward pass (4 bytes each, also under bf16 autocast: its measured peak is no lower).
+  backward pass (4 bytes each; with bf16 hidden layers those layers keep 2-byte values).
   With tiles (pipeline.memory), the union keeps ~24 B per pixel (indices, complex output)
   and two tiles hold activations (the backward pass recomputes one while the last frees);
 - probe networks on the Ny x Nx probe grid (hash-grid gathers: 4 corners x levels x (int64
@@ -19,7 +19,8 @@ Memory model (bytes per device), each term from the code it describes:
 - diffraction data: resident frames (4 B per frame pixel on the device; on a CPU device the
   loaded copy and the trainer's amplitudes are both in RAM), or a few streamed batches;
 - the torch runtime (threads, kernel caches: 80 MiB measured on CPU; 512 MiB assumed on
-  CUDA) and, on CPU, glibc's reuse slack (10 % of the step's tensors, measured).
+  CUDA) and, on CPU with the reusing heap, glibc's slack (40 % of the step's tensors,
+  measured); the CPU budget is the available RAM or the cgroup's remaining limit.
 
 The CPU constants were measured with peak RSS (VmHWM) of fresh processes; estimates agree
 within 20 % on the cases of tests/test_plan.py and benchmarks/bench_scale.py (RESULTS.md).
