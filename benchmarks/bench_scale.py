@@ -501,6 +501,7 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
             "performance.cpu_heap=reuse",
         ],
         "data.stream=always (frames read per batch)": ["data.stream=always"],
+        "frame_chunk=32 (forward model in 4 chunks)": ["performance.frame_chunk=32"],
         "precision=bf16 (bfloat16 hidden layers, eager)": ["performance.precision=bf16"],
     }
     out = {}

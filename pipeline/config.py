@@ -97,6 +97,14 @@ class PerformanceConfig(_Section):
         description="object pixels per forward chunk (autograd keeps all; CPU caches like "
         "small chunks): -1 = auto (4096 on CPU, one chunk on CUDA), 0 = no chunks",
     )
+    frame_chunk: int = Field(
+        0,
+        ge=0,
+        description="frames per forward-model chunk within a step: the object networks run "
+        "once on the step's pixel union, the forward model and loss run chunk by chunk and "
+        "their gradients accumulate (same result, memory of one chunk); 0 = auto (only when "
+        "the whole batch's forward model would not fit the memory budget)",
+    )
     memory_fraction: float = Field(
         0.9, gt=0, le=1.0, description="share of free device memory (RAM on CPU) a run may plan"
     )

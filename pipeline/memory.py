@@ -404,6 +404,7 @@ class Runtime:
     stream: bool
     estimate: Any = None  # pipeline.plan.MemoryEstimate when one was made
     chunk_pixels: int = 0  # plain forward chunks of the object networks (0: one chunk)
+    frame_chunk: int = 0  # frames per forward-model chunk of a step (0: the whole batch)
 
 
 def runtime_for(
@@ -437,7 +438,9 @@ def runtime_for(
     )
     if device.type == "cpu" and est.heap == "bounded":
         bound_cpu_heap()
-    return Runtime(est.tile_pixels, est.stream, est, chunk_pixels=chunk)
+    return Runtime(
+        est.tile_pixels, est.stream, est, chunk_pixels=chunk, frame_chunk=est.frame_chunk
+    )
 
 
 def open_stream(

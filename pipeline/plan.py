@@ -58,6 +58,9 @@ PARAMETER_BYTES = 20
 OBJECT_PIXEL_OVERHEAD = 64
 # per union pixel kept across a checkpointed tile (index int64, complex64 output, cat copy)
 TILED_PIXEL_BYTES = 24
+# per union pixel with frame chunks: the union's indices (int64) and the object values with
+# their gradient (complex64 leaf) kept between the chunks of a step
+CHUNKED_PIXEL_BYTES = 24
 # forward model, per frame pixel of the batch, besides the inverse index (8 B): patches,
 # shifted probes, far field, amplitudes and their gradients (measured on CPU, 64 x 64 frames)
 FORWARD_BYTES = {"subpixel": 50, "whole": 42}
@@ -258,6 +261,7 @@ class MemoryEstimate:
     budget: int
     loading_peak: int = 0  # while the frames are converted, before training starts
     heap: str = "reuse"  # CPU allocator policy assumed (pipeline.memory.bound_cpu_heap)
+    frame_chunk: int = 0  # frames per forward-model chunk (0: the whole batch at once)
 
     @property
     def peak(self) -> int:
@@ -279,11 +283,15 @@ def estimate_memory(
     known_probe: bool = False,
     available: int = 0,
     heap: str = "reuse",
+    frame_chunk: int = 0,
 ) -> MemoryEstimate:
-    """Peak memory of one rank for explicit tile / stream / CPU heap choices. `data_lazy`:
-    the frames are read from the store (False: already in this process's RAM as well)."""
+    """Peak memory of one rank for explicit tile / stream / CPU heap / frame chunk choices.
+    `data_lazy`: the frames are read from the store (False: already in this process's RAM
+    as well)."""
     counts = parameter_counts(config, wl, known_probe)
-    frame_px = wl.frames_per_rank * wl.frame_pixels
+    chunked = 0 < frame_chunk < wl.frames_per_rank
+    frame_chunk = frame_chunk if chunked else 0
+    frame_px = (frame_chunk or wl.frames_per_rank) * wl.frame_pixels
     per_pixel = object_bytes_per_pixel(config, object_precision(config, device_type))
     u = wl.union_pixels
     if tile_pixels > 0 and u > tile_pixels and config.model.object != "pixels":
@@ -293,8 +301,13 @@ def estimate_memory(
     else:
         obj = u * per_pixel
     forward = frame_px * (FORWARD_BYTES["subpixel" if wl.subpixel else "whole"] + 8)
-    # torch.unique runs before the networks; count whichever phase is larger
-    step = max(obj + forward, frame_px * UNIQUE_BYTES)
+    if chunked:
+        # the union is merged chunk by chunk (a chunk's unique pixels next to the union)
+        obj += u * CHUNKED_PIXEL_BYTES
+        step = max(obj + forward + 8 * frame_px, frame_px * UNIQUE_BYTES + 3 * 8 * u)
+    else:
+        # torch.unique runs before the networks; count whichever phase is larger
+        step = max(obj + forward, frame_px * UNIQUE_BYTES)
     frame_bytes = 4 * wl.frame_pixels
     scan_bytes = wl.n_positions * frame_bytes
     loaded = scan_bytes if device_type == "cpu" and not data_lazy else 0  # already in RAM
@@ -318,7 +331,9 @@ def estimate_memory(
     parts["torch runtime"] = RUNTIME_OVERHEAD.get(device_type, RUNTIME_OVERHEAD["cuda"])
     budget = int(available * config.performance.memory_fraction)
     loading_peak = parts["parameters + Adam"] + max(loading, data)
-    return MemoryEstimate(parts, tile_pixels, stream, available, budget, loading_peak, heap)
+    return MemoryEstimate(
+        parts, tile_pixels, stream, available, budget, loading_peak, heap, frame_chunk
+    )
 
 
 def available_memory(device_type: str, device_index: int | None = None) -> int:
@@ -405,7 +420,9 @@ def resolve_memory(
     never, performance.cpu_heap = reuse / bounded). Auto, fastest first: resident frames,
     then streamed; the reusing heap, then the bounded one; no tiles, then the largest tile
     that fits (with the bounded heap: checkpointed tiles under heap reuse were measured at
-    2.9x their live bytes). Returns the chosen estimate, which may still not fit (`fits`).
+    2.9x their live bytes); then the forward model in chunks of frames, the largest power of
+    two that fits (performance.frame_chunk = 0). Returns the chosen estimate, which may still
+    not fit (`fits`).
     """
     if available is None:
         available = available_memory(device_type)
@@ -421,26 +438,37 @@ def resolve_memory(
         heaps = ["reuse", "bounded"]
     common = dict(data_lazy=data_lazy, known_probe=known_probe, available=available)
     candidates: list[MemoryEstimate] = []
-    for stream in streams:
-        for heap in heaps:
-            est = estimate_memory(
-                wl,
-                config,
-                device_type,
-                tile_pixels=perf.object_tile_pixels,
-                stream=stream,
-                heap=heap,
-                **common,
-            )
-            if est.fits:
-                return est
-            candidates.append(est)
-    if perf.object_tile_pixels == 0 and config.model.object != "pixels":
+    auto_tiles = perf.object_tile_pixels == 0 and config.model.object != "pixels"
+    if perf.frame_chunk > 0:
+        chunks = [perf.frame_chunk]
+    else:  # whole batch first, then halving chunks of frames
+        chunks = [0] + [
+            1 << k for k in range(max(wl.frames_per_rank - 1, 1).bit_length() - 1, -1, -1)
+        ]
+    for chunk in chunks:
         for stream in streams:
-            est = _with_largest_tile(wl, config, device_type, stream, heaps[-1], **common)
-            if est.fits:
-                return est
-            candidates.append(est)
+            for heap in heaps:
+                est = estimate_memory(
+                    wl,
+                    config,
+                    device_type,
+                    tile_pixels=perf.object_tile_pixels,
+                    stream=stream,
+                    heap=heap,
+                    frame_chunk=chunk,
+                    **common,
+                )
+                if est.fits:
+                    return est
+                candidates.append(est)
+        if auto_tiles:
+            for stream in streams:
+                est = _with_largest_tile(
+                    wl, config, device_type, stream, heaps[-1], frame_chunk=chunk, **common
+                )
+                if est.fits:
+                    return est
+                candidates.append(est)
     return min(candidates, key=lambda e: e.peak)
 
 
@@ -454,6 +482,7 @@ def _with_largest_tile(
     data_lazy: bool,
     known_probe: bool,
     available: int,
+    frame_chunk: int = 0,
 ) -> MemoryEstimate:
     """The largest tile (a power of two >= MIN_TILE) under which the step fits."""
     tile = 1 << max(int(math.log2(max(wl.union_pixels, MIN_TILE))), 12)
@@ -468,6 +497,7 @@ def _with_largest_tile(
             data_lazy=data_lazy,
             known_probe=known_probe,
             available=available,
+            frame_chunk=frame_chunk,
         )
         if est.fits or tile <= MIN_TILE:
             return est
@@ -596,6 +626,7 @@ class Plan:
             f"{wl.steps_per_epoch} steps per epoch",
             f"object tiles: {mem.tile_pixels or 'none'}; frames: "
             f"{'streamed per batch' if mem.stream else 'resident'}"
+            + (f"; forward model in chunks of {mem.frame_chunk} frames" if mem.frame_chunk else "")
             + (f"; CPU heap: {mem.heap}" if self.device == "cpu" else "")
             + (f"; object networks: {self.precision}" if self.precision else ""),
             "estimated peak memory per device:",

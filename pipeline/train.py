@@ -245,6 +245,7 @@ class Trainer:
         self.loss_history: list[float] = []
         self.seconds = 0.0
         self._full_batch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full_union: torch.Tensor | None = None
 
     # -- model pieces --------------------------------------------------------------------------
 
@@ -282,6 +283,74 @@ class Trainer:
             probes = probe[None]
         return far_field_intensity(probes * patches), mean_amplitude
 
+    def _union_of(self, batch: torch.Tensor, chunk: int, full: bool) -> torch.Tensor:
+        """Sorted unique object pixels under the batch's windows, merged chunk by chunk so
+        the window indices of the whole batch are never held at once."""
+        if full and self._full_union is not None:
+            return self._full_union
+        union: torch.Tensor | None = None
+        for start in range(0, len(batch), chunk):
+            part = torch.unique(self._window_indices(batch[start : start + chunk]))
+            union = part if union is None else torch.unique(torch.cat([union, part]))
+        assert union is not None
+        if full:
+            self._full_union = union
+        return union
+
+    def _chunked_backward(
+        self, batch: torch.Tensor, batch_indices: np.ndarray, full: bool, weight: float
+    ) -> torch.Tensor:
+        """One step's data loss and gradients with the forward model in chunks of frames
+        (performance.frame_chunk), for batches whose forward model does not fit at once.
+
+        The object networks run once on the batch's pixel union and the probe networks once;
+        their outputs enter the chunks as detached leaves, each chunk's loss backpropagates
+        into the leaves, and the leaves' gradients then flow through the networks in one
+        backward pass: the same gradients as one graph over the whole batch, with the memory
+        of one chunk. Returns the (detached) data loss, scaled by `weight`."""
+        train = self.config.train
+        chunk = self.runtime.frame_chunk
+        union = self._union_of(batch, chunk, full)
+        values = memory.sample_object(
+            self.object,
+            union,
+            self.runtime.tile_pixels,
+            self.autocast_dtype,
+            self.runtime.chunk_pixels,
+        )
+        object_leaf = values.detach().requires_grad_(True)
+        probe, mean_probe_amplitude = self.probe()
+        probe_leaf = probe.detach().requires_grad_(probe.requires_grad)
+        measured = self._measured(batch, batch_indices)
+        n = len(batch)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, n, chunk):
+            part = batch[start : start + chunk]
+            inverse = torch.searchsorted(union, self._window_indices(part))
+            if self.use_subpixel:
+                probes = fourier_shift(probe_leaf, self.subpixel[part])
+            else:
+                probes = probe_leaf[None]
+            predicted = far_field_intensity(probes * object_leaf[inverse])
+            loss = smooth_l1_amplitude_loss(
+                predicted, measured[start : start + chunk], train.loss_beta, self.valid
+            ) * (weight * len(part) / n)
+            loss.backward()
+            total += loss.detach()
+        outputs: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        for output, leaf in ((values, object_leaf), (probe, probe_leaf)):
+            if output.requires_grad and leaf.grad is not None:
+                outputs.append(output)
+                grads.append(leaf.grad)
+        regularise = self.probe.kind != "fixed" and self.step <= train.probe_reg_steps
+        if regularise and (self.parallel is None or self.parallel.is_root):
+            outputs.append(train.probe_reg_lambda * mean_probe_amplitude)
+            grads.append(None)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        return total
+
     @torch.no_grad()
     def _initialise_probe_scale(self) -> None:
         """Start with predicted frame energy equal to measured (object amplitude ~ 1)."""
@@ -316,6 +385,9 @@ class Trainer:
         if self.parallel is not None and len(batch_indices) == 0:
             # a short last batch left this rank nothing (rank 0 always has positions)
             loss = data_loss = torch.zeros((), device=self.device)
+        elif 0 < self.runtime.frame_chunk < len(batch_indices):
+            # gradients are accumulated chunk by chunk; the returned loss carries no graph
+            loss = data_loss = self._chunked_backward(batch, batch_indices, full, share)
         else:
             predicted, mean_probe_amplitude = self.predict(batch, full)
             data_loss = smooth_l1_amplitude_loss(
@@ -483,6 +555,7 @@ class Trainer:
             "device": str(self.device),
             "processes": 1 if self.parallel is None else self.parallel.world_size,
             "object_tile_pixels": self.runtime.tile_pixels,
+            "frame_chunk": self.runtime.frame_chunk,
             "streamed_frames": self.stream is not None,
             "versions": {"ptyinr": __version__, "torch": torch.__version__},
         }

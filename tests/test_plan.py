@@ -105,13 +105,21 @@ def _plan_total(output: str) -> float:
     return float(match.group(1)) * (plan.GIB if match.group(2) == "GiB" else plan.MIB)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ["performance.precision=fp32"],
+        ["performance.precision=bf16"],
+        ["performance.precision=fp32", "performance.frame_chunk=16"],
+    ],
+    ids=["fp32", "bf16", "frame-chunks"],
+)
 def test_plan_is_within_30_percent_of_the_measured_peak(
-    measured_store: Path, precision: str
+    measured_store: Path, switches: list[str]
 ) -> None:
     """`ptyinr reconstruct --plan` against the peak RSS increase of the same command run
     in a fresh process (full batch: 144 windows, a 256-wide SIREN on ~9,000 pixels)."""
-    sets = [a for s in [*MODEL, f"performance.precision={precision}"] for a in ("--set", s)]
+    sets = [a for s in [*MODEL, *switches] for a in ("--set", s)]
     runner = CliRunner()
     shown = runner.invoke(app, ["reconstruct", str(measured_store), *sets, "--plan"])
     assert shown.exit_code == 0, shown.output
