@@ -710,8 +710,9 @@ def report(res: dict[str, Any], command: str) -> str:
             f"{am['ours']['mean_union_px'] / a['mean_union_px']:.0%} of their whole field at "
             "this batch size. Even at 100 % of the fp32 GEMM rate our step would take "
             f"{ours_min_s:.2f} s = {ours_min_s / a['median_step_s']:.2f} of theirs: with the "
-            "same networks and batches, a third of their time is out of reach in float32 on "
-            "this CPU; it takes bf16 (the switch above).",
+            "same networks and batches, a third of their time per step is out of reach in "
+            "float32 on this CPU (a first crossing of the target can still come early by "
+            "chance, as above); it takes bf16 (the switch above).",
         ]
         lines.append("")
     if va:

@@ -112,7 +112,7 @@ class PerformanceConfig(_Section):
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
         description="object networks' hidden layers: bf16 runs the width x width GEMMs in "
-        "bfloat16 (first layer, head, physics and loss stay float32): 2.6x faster steps, the "
+        "bfloat16 (first layer, head, physics and loss stay float32): ~2.3x faster steps, the "
         "same quality on sparse or noisy data, but a ~10x higher loss floor in the "
         "high-accuracy regime (measured: benchmarks/bench_precision.py); auto = bf16 where "
         "the device multiplies bf16 natively (CUDA compute capability >= 8, CPUs with AMX)",
