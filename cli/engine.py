@@ -17,7 +17,7 @@ from pipeline import figures, store
 from pipeline.config import load_config, read_toml
 from pipeline.errors import ConfigError, InputError, ReconstructionFailed
 from pipeline.parallel import choose_ranks
-from pipeline.plan import check_plan
+from pipeline.plan import check_plan, parse_device_memory
 from pipeline.reconstruct import load_probe_file, load_scan, reconstruct_store
 from pipeline.simulate import SimulationConfig, write_simulated_store
 
@@ -121,6 +121,15 @@ def reconstruct(
             "--plan", help="print estimated peak memory per device and time per epoch; stop"
         ),
     ] = False,
+    plan_for: Annotated[
+        str | None,
+        typer.Option(
+            "--plan-for",
+            metavar="DEVICE:MEMORY",
+            help="plan for another machine's device, e.g. cuda:80GiB (from a login node "
+            "without one): memory only; implies --plan",
+        ),
+    ] = None,
 ) -> None:
     """Reconstruct object and probe of one scan store into reconstructions/<run_id>."""
     with user_errors():
@@ -128,7 +137,12 @@ def reconstruct(
         if device:
             overrides.append(f"train.device={device}")
         cfg = load_config(config, overrides)
-        ranks, cfg = choose_ranks(processes, gpus, cfg)
+        target = parse_device_memory(plan_for) if plan_for else None
+        plan = plan or target is not None
+        if target is None:
+            ranks, cfg = choose_ranks(processes, gpus, cfg)
+        else:  # the other machine's ranks cannot be checked from here
+            ranks = max(processes, gpus, 1)
         check_plan(
             store_path,
             cfg,
@@ -136,6 +150,7 @@ def reconstruct(
             known_probe=probe is not None,
             show=plan,
             echo=lambda line: console.print(line, highlight=False),
+            target=target,
         )
         if plan:
             return

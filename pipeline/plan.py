@@ -694,8 +694,10 @@ def plan_for_store(
     device_type: str | None = None,
     known_probe: bool = False,
     with_time: bool = True,
+    available: int | None = None,
 ) -> Plan:
-    """Plan a reconstruction of a scan store without reading its frames."""
+    """Plan a reconstruction of a scan store without reading its frames (on `device_type`
+    with `available` bytes when given: another machine's device, no time estimate)."""
     from pipeline import store
     from pipeline.physics import ScanGeometry
     from pipeline.train import select_device
@@ -721,8 +723,31 @@ def plan_for_store(
         device_type=device,
         world_size=world_size,
         known_probe=known_probe,
-        with_time=with_time,
+        with_time=with_time and available is None,
+        available=available,
     )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_device_memory(text: str) -> tuple[str, int]:
+    """`cuda:80GiB` -> ("cuda", bytes): the device kind and free memory of a machine other
+    than this one (`--plan-for`); units B, KB..TB (10^3) and KiB..TiB (2^10)."""
+    kind, _, amount = text.partition(":")
+    number = amount.strip().rstrip("bBiIkKmMgGtT")
+    unit = amount.strip()[len(number) :].upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if kind not in ("cpu", "cuda") or unit not in _UNITS or value <= 0:
+        raise InputError(
+            f"--plan-for {text!r}: expected DEVICE:MEMORY with DEVICE cpu or cuda and "
+            "MEMORY a positive size such as 80GiB, 40GB or 512MiB"
+        )
+    return kind, int(value * _UNITS[unit])
 
 
 def refuse_unless_fits(plan: Plan, where: str) -> None:
@@ -735,7 +760,7 @@ def refuse_unless_fits(plan: Plan, where: str) -> None:
     raise InputError(
         f"{where}: plan needs {_size(mem.peak)} per device but {_size(mem.budget)} is usable "
         f"({biggest}); use more devices (--gpus/--processes), a smaller train.batch_size, "
-        "performance.object_tile_pixels, or data.stream=always"
+        "performance.object_tile_pixels, performance.frame_chunk, or data.stream=always"
     )
 
 
@@ -747,16 +772,27 @@ def check_plan(
     known_probe: bool = False,
     show: bool = False,
     echo: Any = print,
+    target: tuple[str, int] | None = None,
 ) -> Plan:
     """What `ptyinr reconstruct` does first: plan from the store's metadata alone, print the
     plan when `show` (`--plan`, with a quick timing calibration), and refuse (InputError)
-    when it cannot fit the device."""
+    when it cannot fit the device. `target` (kind, bytes): plan for another machine's
+    device instead (`--plan-for`), memory only."""
+    device_type, available = target if target else (None, None)
     plan = plan_for_store(
-        path, config, world_size=world_size, known_probe=known_probe, with_time=show
+        path,
+        config,
+        world_size=world_size,
+        known_probe=known_probe,
+        with_time=show,
+        device_type=device_type,
+        available=available,
     )
     if show:
         for line in plan.lines():
             echo(line)
+        if target:
+            echo("time per epoch: not estimated (it is measured on the device itself)")
     refuse_unless_fits(plan, str(path))
     return plan
 
@@ -772,6 +808,7 @@ __all__ = [
     "estimate_time",
     "make_plan",
     "parameter_counts",
+    "parse_device_memory",
     "plan_for_store",
     "refuse_unless_fits",
     "resolve_memory",

@@ -224,3 +224,29 @@ def test_available_memory_respects_the_cgroup(monkeypatch: pytest.MonkeyPatch) -
     assert plan.available_memory("cpu") == 123 << 20
     monkeypatch.setattr(plan, "cgroup_free_bytes", lambda: None)
     assert plan.available_memory("cpu") > 123 << 20
+
+
+def test_parse_device_memory() -> None:
+    assert plan.parse_device_memory("cuda:80GiB") == ("cuda", 80 << 30)
+    assert plan.parse_device_memory("cpu:512MB") == ("cpu", 512 * 10**6)
+    assert plan.parse_device_memory("cuda:1.5TiB") == ("cuda", int(1.5 * (1 << 40)))
+
+
+def test_plan_for_another_machines_device(measured_store: Path) -> None:
+    """From a login node: the plan of a GPU node's device, memory only, refusing what
+    cannot fit, and naming a malformed target."""
+    runner = CliRunner()
+    runs_before = sorted((measured_store / "reconstructions").glob("*"))
+    target = ["reconstruct", str(measured_store), "--plan-for"]
+    ok = runner.invoke(app, [*target, "cuda:80GiB", "--gpus", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert "ranks: 2 on cuda" in ok.output
+    assert "72.00 GiB usable" in ok.output  # memory_fraction 0.9 of the stated 80 GiB
+    assert "not estimated" in ok.output
+    small = runner.invoke(app, [*target, "cuda:100MiB"])
+    assert small.exit_code == 2 and "plan needs" in small.output
+    for bad in ("gpu:80GiB", "cuda:", "cuda:-1GB", "cuda:80parsecs"):
+        refused = runner.invoke(app, [*target, bad])
+        assert refused.exit_code == 2, bad
+        assert "--plan-for" in refused.output and bad in refused.output
+    assert sorted((measured_store / "reconstructions").glob("*")) == runs_before
