@@ -280,3 +280,22 @@ def test_hash_mlp_outputs_one_value_per_coordinate():
     mlp = HashGridMLP(levels=4, log2_table_size=10, base_resolution=4)
     out = mlp(torch.rand(37, 2))
     assert out.shape == (37, 1) and out.dtype == torch.float32
+
+
+def test_sine_layer_is_sin_of_omega_times_affine_with_its_gradients() -> None:
+    """omega is folded into weight and bias for speed: same values and same parameter
+    gradients as sin(omega * (W x + b)), computed independently in float64."""
+    from pipeline.models.siren import SineLayer
+
+    torch.manual_seed(0)
+    layer = SineLayer(64, 32, omega=30.0, is_first=False)
+    x = torch.randn(100, 64)
+    y = layer(x)
+    y.square().sum().backward()
+    w = layer.linear.weight.detach().double().requires_grad_()
+    b = layer.linear.bias.detach().double().requires_grad_()
+    expected = torch.sin(30.0 * (x.double() @ w.T + b))
+    expected.square().sum().backward()
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(layer.linear.weight.grad.double(), w.grad, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(layer.linear.bias.grad.double(), b.grad, rtol=1e-3, atol=1e-3)

