@@ -52,6 +52,7 @@ SECTION = "## Scale and speed (issue 6)"
 LABELS = (
     ("authors", "authors' approach (fp32 SIREN, complex128)"),
     ("ours", "ours, default (fp32, eager)"),
+    ("ours_compiled", "ours, fp32 + torch.compile"),
     ("ours_bf16", "ours, precision = bf16 (eager)"),
     ("ours_fast", "ours, bf16 + torch.compile"),
 )
@@ -258,6 +259,7 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     init_s = time.perf_counter() - started
     # same initial weights without a second probe warm start (it is deterministic anyway)
     variants = {
+        "ours_compiled": build(["performance.compile=true", "model.probe_init_steps=0"]),
         "ours_bf16": build(["performance.precision=bf16", "model.probe_init_steps=0"]),
         "ours_fast": build(
             ["performance.precision=bf16", "performance.compile=true", "model.probe_init_steps=0"]
@@ -271,7 +273,7 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     print(f"  versus: {n} positions, batch {batch}, trainer init {init_s:.0f} s", flush=True)
     methods: dict[str, dict[str, Any]] = {
         name: {"seconds": 0.0, "steps": 0, "curve": [], "step_times": [], "unions": []}
-        for name in ("authors", "ours", "ours_bf16", "ours_fast")
+        for name in ("authors", "ours", "ours_compiled", "ours_bf16", "ours_fast")
     }
     schedule: list[np.ndarray] = []
     epoch = 0
@@ -287,7 +289,12 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     def run_step(name: str) -> None:
         m = methods[name]
         b = next_batch(m["steps"])
-        reference = {"ours": "gemm_fp32", "ours_bf16": "gemm_bf16", "ours_fast": "gemm_bf16"}
+        reference = {
+            "ours": "gemm_fp32",
+            "ours_compiled": "gemm_fp32",
+            "ours_bf16": "gemm_bf16",
+            "ours_fast": "gemm_bf16",
+        }
         if name in reference:  # the GEMM rate of this moment, for the step's fraction
             key = reference[name]
             m.setdefault("gemm_before", []).append(gemm_rates((key,))[key])
@@ -675,8 +682,8 @@ def report(res: dict[str, Any], command: str) -> str:
             "SIREN 3 x 512 object, hash-grid probe, Adam 1e-4, same initial weights and "
             "batches for all. Authors' approach = their engineering on our networks: whole "
             "field through both SIRENs every mini-batch, positions rounded, one slice per "
-            "position in a Python loop, complex128 forward model and loss. Steps of the "
-            "four were interleaved; each one's own step time is summed, quality "
+            "position in a Python loop, complex128 forward model and loss. Steps of all "
+            "methods were interleaved; each one's own step time is summed, quality "
             "evaluation (object relative error on the scanned interior, ramp removed) is "
             f"not timed. Budget {va['budget_s']:.0f} s of the authors' step time. (Our "
             "simulator's 40 % raster has 63 x 63 = 3969 positions where the paper quotes "
@@ -687,6 +694,8 @@ def report(res: dict[str, Any], command: str) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, label in LABELS:
+            if name not in am:
+                continue
             mm = am[name]
             reach = va["reached_s"].get(name) if name != "authors" else mm["seconds"]
             lines.append(
@@ -699,6 +708,8 @@ def report(res: dict[str, Any], command: str) -> str:
         lines.append("")
         target_smooth = _smoothed(a["curve"])[-1][2]
         for name, label in LABELS[1:]:
+            if name not in am:
+                continue
             mm = am[name]
             reach = va["reached_s"].get(name)
             smooth = next((t for s, t, e in _smoothed(mm["curve"]) if e <= target_smooth), None)
@@ -751,6 +762,7 @@ def report(res: dict[str, Any], command: str) -> str:
         lines.append("")
     if va:
         o, b, f = (va["methods"][k] for k in ("ours", "ours_bf16", "ours_fast"))
+        c = va["methods"].get("ours_compiled")
 
         def fraction(m: dict[str, Any], key: str) -> str:
             if "gemm_fraction" in m:  # paired with the GEMM timed right before each step
@@ -772,6 +784,15 @@ def report(res: dict[str, Any], command: str) -> str:
             "|---|---|---|---|",
             f"| fp32 eager (default) | {o['siren_gflops_per_s']:.0f} | "
             f"{fraction(o, 'gemm_fp32')} | {o.get('gemm_reference', r['gemm_fp32']) / 1e9:.0f} |",
+            *(
+                [
+                    f"| fp32 + compile | {c['siren_gflops_per_s']:.0f} | "
+                    f"{fraction(c, 'gemm_fp32')} (first step incl. compile "
+                    f"{c['first_step_s']:.0f} s) | {c['gemm_reference'] / 1e9:.0f} |"
+                ]
+                if c
+                else []
+            ),
             f"| bf16 eager | {b['siren_gflops_per_s']:.0f} | {fraction(b, 'gemm_bf16')} | "
             f"{b.get('gemm_reference', r['gemm_bf16']) / 1e9:.0f} |",
             f"| bf16 + compile | {f['siren_gflops_per_s']:.0f} | {fraction(f, 'gemm_bf16')} "
