@@ -415,7 +415,7 @@ def runtime_for(
     known_probe: bool,
     parallel: Any = None,
 ) -> Runtime:
-    """Resolve object tiles, streamed frames and the CPU heap policy for this trainer.
+    """Resolve object tiles, frame chunks, streamed frames and the CPU heap policy.
 
     Explicit settings are obeyed; `auto` choices come from the memory plan of this scan on
     this device (pipeline.plan.resolve_memory). A bounded heap is applied to the process
