@@ -61,6 +61,20 @@ LABELS = (
 # ------------------------------------------------------------------------------ helpers
 
 
+def run_child(flag: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run this script's `flag` child on `spec` in a fresh process (peak RSS of its own);
+    its last stdout line is the JSON result, or {"error": stderr tail} when it failed."""
+    run = subprocess.run(
+        [sys.executable, __file__, flag, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if run.returncode != 0:
+        return {"error": run.stderr[-1500:]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def status_bytes(key: str) -> int:
     with open("/proc/self/status") as fh:
         line = next(x for x in fh if x.startswith(key + ":"))
@@ -463,16 +477,10 @@ def scaling(threads: int, rates: dict[str, float]) -> list[dict[str, Any]]:
     out = []
     for spec in specs:
         spec = {**spec, "threads": threads, "steps": 2, "rates": rates}
-        run = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if run.returncode != 0:
-            out.append({**spec, "error": run.stderr[-1500:]})
+        row = run_child("--child", spec)
+        out.append({**spec, **row} if "error" in row else row)
+        if "error" in row:
             continue
-        out.append(json.loads(run.stdout.strip().splitlines()[-1]))
         print(
             "  scaling", out[-1].get("n"), out[-1].get("frame"), out[-1].get("step_s"), flush=True
         )
@@ -571,16 +579,9 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
     out = {}
     for label, extra in settings.items():
         spec = {"switch": extra, "threads": threads, "steps": steps, "store": str(workdir)}
-        run = subprocess.run(
-            [sys.executable, __file__, "--switch-child", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if run.returncode != 0:
-            out[label] = {"error": run.stderr[-1500:]}
+        out[label] = run_child("--switch-child", spec)
+        if "error" in out[label]:
             continue
-        out[label] = json.loads(run.stdout.strip().splitlines()[-1])
         print("  switch", label, out[label]["step_s"], flush=True)
     return out
 

@@ -347,6 +347,8 @@ def preprocess_task(path: Path, options: Any) -> dict[str, Any]:
 @_stage("prepare")
 def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
     """Validate the store, lay out one object grid for all parts, split, open the run group."""
+    from pipeline.reconstruct import store_geometry
+
     started_wall = time.time()
     started = time.perf_counter()
     path = spec.store
@@ -358,9 +360,7 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
         remove_checkpoints(path, spec.run_id)
     ds = store.open_scan_store(path)
     cfg = spec.config
-    source = cfg.data.source
-    if source == "auto":
-        source = store.PREPROCESSED if store.PREPROCESSED in ds else store.INTENSITIES
+    source = store.resolve_source(ds, cfg.data.source)
     if source not in ds:
         raise InputError(
             f"{path}: data.source = {source!r} but the store has no {source!r} array; "
@@ -368,14 +368,8 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
         )
     # Pin the source: a `preprocessed` array replaced meanwhile must not silently become raw.
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
-    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
-    positions = store.positions_px(ds, frame_shape)
-    geometry = ScanGeometry.from_positions(
-        positions,
-        frame_shape,
-        padding_px=cfg.data.object_padding_px,
-        round_positions=cfg.train.positions == "round",
-    )
+    positions, geometry = store_geometry(ds, source, cfg)
+    frame_shape = geometry.window_shape
     centres = geometry.window_centres_on_grid()
     lo = np.maximum(np.ceil(centres.min(axis=0) - 1e-9).astype(int), 0)
     hi = np.minimum(np.floor(centres.max(axis=0) + 1e-9).astype(int) + 1, geometry.object_shape)

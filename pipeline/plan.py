@@ -699,23 +699,14 @@ def plan_for_store(
     """Plan a reconstruction of a scan store without reading its frames (on `device_type`
     with `available` bytes when given: another machine's device, no time estimate)."""
     from pipeline import store
-    from pipeline.physics import ScanGeometry
+    from pipeline.reconstruct import store_geometry
     from pipeline.train import select_device
 
     ds = store.open_scan_store(path)
-    source = config.data.source
-    if source == "auto":
-        source = "preprocessed" if "preprocessed" in ds else "intensities"
+    source = store.resolve_source(ds, config.data.source)
     if source not in ds:
         raise InputError(f"{path}: array {source!r} missing (data.source = {source!r})")
-    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
-    positions = store.positions_px(ds, frame_shape)
-    geometry = ScanGeometry.from_positions(
-        positions,
-        frame_shape,
-        padding_px=config.data.object_padding_px,
-        round_positions=config.train.positions == "round",
-    )
+    _positions, geometry = store_geometry(ds, source, config)
     device = device_type or select_device(config.train.device).type
     return make_plan(
         geometry,

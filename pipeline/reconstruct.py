@@ -46,14 +46,28 @@ class LoadedScan:
     source: str
 
 
+def store_geometry(
+    ds: xr.Dataset, source: str, config: ReconstructionConfig
+) -> tuple[np.ndarray, ScanGeometry]:
+    """Pixel positions and scan geometry of a store's `source` frames under `config`
+    (padding, position rounding), from metadata alone: no frame is read."""
+    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
+    positions = store.positions_px(ds, frame_shape)
+    geometry = ScanGeometry.from_positions(
+        positions,
+        frame_shape,
+        padding_px=config.data.object_padding_px,
+        round_positions=config.train.positions == "round",
+    )
+    return positions, geometry
+
+
 def load_scan(path: str | Path, config: ReconstructionConfig, lazy: bool = False) -> LoadedScan:
     """Open and validate a store, and bring the configured frames into memory (`lazy`: leave
     them in the store, read on demand: the trainer streams or loads them, pipeline.memory)."""
     path = Path(path)
     ds = store.open_scan_store(path)
-    source = config.data.source
-    if source == "auto":
-        source = "preprocessed" if "preprocessed" in ds else "intensities"
+    source = store.resolve_source(ds, config.data.source)
     if lazy:
         if source not in ds:
             store.load_frames(ds, source=source, indices=[])  # its error names the problem

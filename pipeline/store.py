@@ -474,6 +474,13 @@ def positions_px(
     return pos / np.asarray(size, dtype=np.float64)
 
 
+def resolve_source(ds: xr.Dataset, source: str) -> str:
+    """data.source with "auto" decided for this store: preprocessed when present."""
+    if source == "auto":
+        return PREPROCESSED if PREPROCESSED in ds else INTENSITIES
+    return source
+
+
 def load_frames(
     ds: xr.Dataset, source: str = "auto", indices: np.ndarray | list[int] | slice | None = None
 ) -> np.ndarray:
@@ -482,8 +489,7 @@ def load_frames(
     `source`: "intensities" (raw), "preprocessed", or "auto" (preprocessed when present).
     `indices` selects frames along `scan` (default all).
     """
-    if source == "auto":
-        source = PREPROCESSED if PREPROCESSED in ds else INTENSITIES
+    source = resolve_source(ds, source)
     if source not in (INTENSITIES, PREPROCESSED):
         raise StoreError(
             f"load_frames: source={source!r}; expected intensities, preprocessed or auto"
