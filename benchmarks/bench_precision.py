@@ -35,6 +35,7 @@ from pipeline.train import ScanData
 
 VARIANTS: dict[str, list[str]] = {
     "fp32": ["performance.precision=fp32"],
+    "bf16-backward": ["performance.precision=bf16-backward"],
     "bf16": ["performance.precision=bf16"],
 }
 

@@ -49,13 +49,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SECTION = "## Scale and speed (issue 6)"
-LABELS = (
-    ("authors", "authors' approach (fp32 SIREN, complex128)"),
-    ("ours", "ours, default (fp32, eager)"),
-    ("ours_compiled", "ours, fp32 + torch.compile"),
-    ("ours_bf16", "ours, precision = bf16 (eager)"),
-    ("ours_fast", "ours, bf16 + torch.compile"),
-)
+AUTHORS_LABEL = "authors' approach (fp32 SIREN, complex128)"
+# versus methods: name -> (label, config overrides on top of the defaults); "ours" is the
+# defaults, whatever precision they resolve to on this machine
+VERSUS: dict[str, tuple[str, list[str]]] = {
+    "ours": ("ours, default", []),
+    "ours_fp32": ("ours, precision = fp32", ["performance.precision=fp32"]),
+    "ours_bf16_backward": (
+        "ours, precision = bf16-backward",
+        ["performance.precision=bf16-backward"],
+    ),
+    "ours_bf16": ("ours, precision = bf16", ["performance.precision=bf16"]),
+    "ours_fp32_compiled": (
+        "ours, fp32 + torch.compile",
+        ["performance.precision=fp32", "performance.compile=true"],
+    ),
+    "ours_bf16_compiled": (
+        "ours, bf16 + torch.compile",
+        ["performance.precision=bf16", "performance.compile=true"],
+    ),
+}
+DEFAULT_VERSUS = "ours,ours_fp32,ours_bf16"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -242,11 +256,24 @@ def trainer_values(trainer: Any) -> np.ndarray:
         return trainer.object.full().numpy().astype(np.complex64)
 
 
-def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, Any]:
+def gemm_ceiling_s(flops: float, precision: str, rates: dict[str, float]) -> float:
+    """Seconds a step's SIREN FLOPs (3 x forward) take at 100 % of the GEMM rates its
+    precision uses: fp32 all, bf16 all, or bf16-backward (forward fp32, 2 passes bf16)."""
+    r32, r16 = rates["gemm_fp32"], rates["gemm_bf16"]
+    if precision == "bf16":
+        return flops / r16
+    if precision == "bf16-backward":
+        return flops / 3.0 / r32 + flops * 2.0 / 3.0 / r16
+    return flops / r32
+
+
+def versus_authors(
+    workdir: Path, budget_s: float, threads: int, names: list[str]
+) -> dict[str, Any]:
     """Section 2 (and 3's numbers from the same steps)."""
     import torch
 
-    from pipeline import plan
+    from pipeline import fastpaths, plan
     from pipeline.config import load_config
     from pipeline.reconstruct import load_scan
     from pipeline.simulate import SimulationConfig, write_simulated_store
@@ -272,23 +299,24 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     ours = build([])  # the defaults
     init_s = time.perf_counter() - started
     # same initial weights without a second probe warm start (it is deterministic anyway)
-    variants = {
-        "ours_compiled": build(["performance.compile=true", "model.probe_init_steps=0"]),
-        "ours_bf16": build(["performance.precision=bf16", "model.probe_init_steps=0"]),
-        "ours_fast": build(
-            ["performance.precision=bf16", "performance.compile=true", "model.probe_init_steps=0"]
-        ),
-    }
-    for other in variants.values():
-        other.object.load_state_dict(ours.object.state_dict())
-        other.probe.load_state_dict(ours.probe.state_dict())
-    trainers = {"ours": ours, **variants}
+    trainers = {"ours": ours}
+    for name in names:
+        if name != "ours":
+            trainers[name] = build([*VERSUS[name][1], "model.probe_init_steps=0"])
+            trainers[name].object.load_state_dict(ours.object.state_dict())
+            trainers[name].probe.load_state_dict(ours.probe.state_dict())
     authors = AuthorsApproach(ours)
     print(f"  versus: {n} positions, batch {batch}, trainer init {init_s:.0f} s", flush=True)
     methods: dict[str, dict[str, Any]] = {
         name: {"seconds": 0.0, "steps": 0, "curve": [], "step_times": [], "unions": []}
-        for name in ("authors", "ours", "ours_compiled", "ours_bf16", "ours_fast")
+        for name in ("authors", *trainers)
     }
+    for name, trainer in trainers.items():
+        methods[name]["label"] = VERSUS[name][0]
+        methods[name]["precision"] = fastpaths.resolve_precision(
+            trainer.config.performance, torch.device("cpu")
+        )
+        methods[name]["compile"] = trainer.config.performance.compile
     schedule: list[np.ndarray] = []
     epoch = 0
     geometry = ours.geometry
@@ -303,15 +331,8 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
     def run_step(name: str) -> None:
         m = methods[name]
         b = next_batch(m["steps"])
-        reference = {
-            "ours": "gemm_fp32",
-            "ours_compiled": "gemm_fp32",
-            "ours_bf16": "gemm_bf16",
-            "ours_fast": "gemm_bf16",
-        }
-        if name in reference:  # the GEMM rate of this moment, for the step's fraction
-            key = reference[name]
-            m.setdefault("gemm_before", []).append(gemm_rates((key,))[key])
+        if name != "authors":  # the GEMM rates of this moment, for the step's fraction
+            m.setdefault("gemm_before", []).append(gemm_rates())
         t0 = time.perf_counter()
         if name == "authors":
             authors.step(b)
@@ -365,10 +386,12 @@ def versus_authors(workdir: Path, budget_s: float, threads: int) -> dict[str, An
         m["first_step_s"] = float(m["step_times"][0])
         m["mean_union_px"] = float(unions.mean())
         m["siren_gflops_per_s"] = float(np.median(unions * flops / times) / 1e9)
-        if "gemm_before" in m:  # median over steps of (step throughput / GEMM rate just before)
-            gemm = np.asarray(m["gemm_before"][1:] or m["gemm_before"])
-            m["gemm_fraction"] = float(np.median(unions * flops / times / gemm))
-            m["gemm_reference"] = float(np.median(gemm))
+        if "gemm_before" in m:  # median over steps of (ceiling at the rates just before / step)
+            rates = m["gemm_before"][1:] or m["gemm_before"]
+            pairs = zip(unions, rates, strict=True)
+            ceiling = np.asarray([gemm_ceiling_s(u * flops, m["precision"], r) for u, r in pairs])
+            m["gemm_fraction"] = float(np.median(ceiling / times))
+            m["gemm_reference"] = {k: float(np.median([r[k] for r in rates])) for k in rates[0]}
     return {
         "positions": n,
         "batch": batch,
@@ -672,135 +695,7 @@ def report(res: dict[str, Any], command: str) -> str:
     ]
     va = res.get("versus")
     if va:
-        am = va["methods"]
-        a = am["authors"]
-        lines += [
-            f"### Ours vs the authors' approach ({va['positions']} x 64 x 64, mini-batch "
-            f"{va['batch']} = 1/31)",
-            "",
-            f"Paper case `paper-clean-40` (241 x 241 object, {va['positions']} positions, "
-            f"object grid {va['object_shape'][0]} x {va['object_shape'][1]}, clean data), "
-            "SIREN 3 x 512 object, hash-grid probe, Adam 1e-4, same initial weights and "
-            "batches for all. Authors' approach = their engineering on our networks: whole "
-            "field through both SIRENs every mini-batch, positions rounded, one slice per "
-            "position in a Python loop, complex128 forward model and loss. Steps of all "
-            "methods were interleaved; each one's own step time is summed, quality "
-            "evaluation (object relative error on the scanned interior, ramp removed) is "
-            f"not timed. Budget {va['budget_s']:.0f} s of the authors' step time. (Our "
-            "simulator's 40 % raster has 63 x 63 = 3969 positions where the paper quotes "
-            "3600.)",
-            "",
-            "| method | median step | first step | mean pixels evaluated | SIREN GFLOP/s | "
-            "steps | error at end | time to reach authors' final error |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, label in LABELS:
-            if name not in am:
-                continue
-            mm = am[name]
-            reach = va["reached_s"].get(name) if name != "authors" else mm["seconds"]
-            lines.append(
-                f"| {label} | {mm['median_step_s']:.2f} s | {mm['first_step_s']:.1f} s | "
-                f"{mm['mean_union_px']:.0f} | {mm['siren_gflops_per_s']:.0f} | {mm['steps']} | "
-                f"{mm['curve'][-1][2]:.4f} | "
-                + ("not reached" if reach is None else f"{reach:.0f} s")
-                + " |"
-            )
-        lines.append("")
-        target_smooth = _smoothed(a["curve"])[-1][2]
-        for name, label in LABELS[1:]:
-            if name not in am:
-                continue
-            mm = am[name]
-            reach = va["reached_s"].get(name)
-            smooth = next((t for s, t, e in _smoothed(mm["curve"]) if e <= target_smooth), None)
-            lines.append(
-                f"- {label}: step-time ratio authors / ours "
-                f"{a['median_step_s'] / mm['median_step_s']:.2f}x; time to the authors' final "
-                f"error ({va['target_error']:.4f}, theirs after {a['seconds']:.0f} s) "
-                + (
-                    "not reached within the budget"
-                    if reach is None
-                    else f"{reach:.0f} s = {reach / a['seconds']:.2f} of theirs"
-                )
-                + " (compile time included in our first step); with each curve smoothed over "
-                f"3 evaluations (target {target_smooth:.4f}): "
-                + ("not reached" if smooth is None else f"{smooth / a['seconds']:.2f} of theirs")
-                + "."
-            )
-        fp32 = {s: e for s, _, e in am["ours"]["curve"]}
-        bf16 = {s: e for s, _, e in am["ours_fast"]["curve"]}
-        rounded = {s: e for s, _, e in a["curve"]}
-        both = sorted(set(fp32) & set(bf16) & set(rounded) - {0})
-        d_bf16 = [bf16[s] - fp32[s] for s in both]
-        d_round = [rounded[s] - fp32[s] for s in both]
-        lines += [
-            "",
-            "Per step the three converge alike (same algorithm; the time-to-error ratios are "
-            "the step-time ratios): mini-batch errors wander by +-0.02 between evaluations, "
-            "so the first crossing of the authors' final error is partly chance, hence the "
-            f"smoothed figure. At the same steps ({len(both)} evaluations) bf16 minus fp32 "
-            f"error: mean {np.mean(d_bf16):+.4f}, max |{np.max(np.abs(d_bf16)):.4f}| (bf16 "
-            "costs no accuracy measurable at this stage of training; bench_precision.py "
-            "shows where it does); rounded-position authors' minus ours: mean "
-            f"{np.mean(d_round):+.4f}.",
-        ]
-        # the float32 ceiling: our union's SIREN FLOPs at 100 % of this machine's fp32 GEMM
-        g = {"gemm_fp32": am["ours"].get("gemm_reference", r["gemm_fp32"])}
-        ours_min_s = am["ours"]["mean_union_px"] * siren_flops_per_pixel() * 3.0 / g["gemm_fp32"]
-        lines += [
-            "",
-            "Float32 ceiling: the authors' steps already run their SIREN GEMMs at "
-            f"{a['siren_gflops_per_s'] * 1e9 / g['gemm_fp32']:.0%} of this machine's fp32 "
-            "GEMM rate, and our step's pixel union is "
-            f"{am['ours']['mean_union_px'] / a['mean_union_px']:.0%} of their whole field at "
-            "this batch size. Even at 100 % of the fp32 GEMM rate our step would take "
-            f"{ours_min_s:.2f} s = {ours_min_s / a['median_step_s']:.2f} of theirs: with the "
-            "same networks and batches, a third of their time per step is out of reach in "
-            "float32 on this CPU (a first crossing of the target can still come early by "
-            "chance, as above); it takes bf16 (the switch above).",
-        ]
-        lines.append("")
-    if va:
-        o, b, f = (va["methods"][k] for k in ("ours", "ours_bf16", "ours_fast"))
-        c = va["methods"].get("ours_compiled")
-
-        def fraction(m: dict[str, Any], key: str) -> str:
-            if "gemm_fraction" in m:  # paired with the GEMM timed right before each step
-                return f"{m['gemm_fraction']:.0%} of {key[5:]}"
-            return f"{m['siren_gflops_per_s'] * 1e9 / r[key]:.0%} of {key[5:]}"
-
-        lines += [
-            "### Training-step throughput vs this machine's GEMM",
-            "",
-            "SIREN FLOPs of a whole training step (forward + backward of both SIRENs on the "
-            "step's object-pixel union, 3 x forward; the step also runs the probe, FFTs, "
-            "loss and Adam) divided by the step time, as a fraction of the GEMM rate of the "
-            "same precision timed right before each step (median over the steps of the "
-            "per-step ratio: this VM's GEMM rate drifts by up to 2x with other tenants' load, "
-            "so only rates of the same moment compare; the median of those GEMM timings in "
-            "the last column):",
-            "",
-            "| step | SIREN GFLOP/s | fraction of GEMM | GEMM GFLOP/s then |",
-            "|---|---|---|---|",
-            f"| fp32 eager (default) | {o['siren_gflops_per_s']:.0f} | "
-            f"{fraction(o, 'gemm_fp32')} | {o.get('gemm_reference', r['gemm_fp32']) / 1e9:.0f} |",
-            *(
-                [
-                    f"| fp32 + compile | {c['siren_gflops_per_s']:.0f} | "
-                    f"{fraction(c, 'gemm_fp32')} (first step incl. compile "
-                    f"{c['first_step_s']:.0f} s) | {c['gemm_reference'] / 1e9:.0f} |"
-                ]
-                if c
-                else []
-            ),
-            f"| bf16 eager | {b['siren_gflops_per_s']:.0f} | {fraction(b, 'gemm_bf16')} | "
-            f"{b.get('gemm_reference', r['gemm_bf16']) / 1e9:.0f} |",
-            f"| bf16 + compile | {f['siren_gflops_per_s']:.0f} | {fraction(f, 'gemm_bf16')} "
-            f"(first step incl. compile {f['first_step_s']:.0f} s) | "
-            f"{f.get('gemm_reference', r['gemm_bf16']) / 1e9:.0f} |",
-            "",
-        ]
+        lines += versus_report(va, r)
     sc = res.get("scaling")
     if sc:
         lines += [
@@ -945,6 +840,144 @@ def report(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def versus_report(va: dict[str, Any], r: dict[str, float]) -> list[str]:
+    """The versus and throughput subsections from one versus run."""
+    am = va["methods"]
+    a = am["authors"]
+    ours = [k for k in am if k != "authors"]
+
+    def label(name: str) -> str:
+        if name == "authors":
+            return AUTHORS_LABEL
+        m = am[name]
+        extra = f" (precision {m['precision']} on this machine)" if name == "ours" else ""
+        return m.get("label", VERSUS.get(name, (name,))[0]) + extra
+
+    lines = [
+        f"### Ours vs the authors' approach ({va['positions']} x 64 x 64, mini-batch "
+        f"{va['batch']} = 1/31)",
+        "",
+        f"Paper case `paper-clean-40` (241 x 241 object, {va['positions']} positions, "
+        f"object grid {va['object_shape'][0]} x {va['object_shape'][1]}, clean data), "
+        "SIREN 3 x 512 object, hash-grid probe, Adam 1e-4, same initial weights and "
+        "batches for all. Authors' approach = their engineering on our networks: whole "
+        "field through both SIRENs every mini-batch, positions rounded, one slice per "
+        "position in a Python loop, complex128 forward model and loss. Steps of all "
+        "methods were interleaved; each one's own step time is summed, quality "
+        "evaluation (object relative error on the scanned interior, ramp removed) is "
+        f"not timed. Budget {va['budget_s']:.0f} s of the authors' step time. (Our "
+        "simulator's 40 % raster has 63 x 63 = 3969 positions where the paper quotes "
+        "3600.)",
+        "",
+        "| method | median step | first step | mean pixels evaluated | SIREN GFLOP/s | "
+        "steps | error at end | time to reach authors' final error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ["authors", *ours]:
+        mm = am[name]
+        reach = va["reached_s"].get(name) if name != "authors" else mm["seconds"]
+        lines.append(
+            f"| {label(name)} | {mm['median_step_s']:.2f} s | {mm['first_step_s']:.1f} s | "
+            f"{mm['mean_union_px']:.0f} | {mm['siren_gflops_per_s']:.0f} | {mm['steps']} | "
+            f"{mm['curve'][-1][2]:.4f} | "
+            + ("not reached" if reach is None else f"{reach:.0f} s")
+            + " |"
+        )
+    lines.append("")
+    target_smooth = _smoothed(a["curve"])[-1][2]
+    for name in ours:
+        mm = am[name]
+        reach = va["reached_s"].get(name)
+        smooth = next((t for s, t, e in _smoothed(mm["curve"]) if e <= target_smooth), None)
+        lines.append(
+            f"- {label(name)}: step-time ratio authors / ours "
+            f"{a['median_step_s'] / mm['median_step_s']:.2f}x; time to the authors' final "
+            f"error ({va['target_error']:.4f}, theirs after {a['seconds']:.0f} s) "
+            + (
+                "not reached within the budget"
+                if reach is None
+                else f"{reach:.0f} s = {reach / a['seconds']:.2f} of theirs"
+            )
+            + (" (compile time included in the first step)" if mm.get("compile") else "")
+            + "; with each curve smoothed over 3 evaluations (target "
+            f"{target_smooth:.4f}): "
+            + ("not reached" if smooth is None else f"{smooth / a['seconds']:.2f} of theirs")
+            + "; at equal steps (the per-step errors agree, below): "
+            f"**{mm['median_step_s'] / a['median_step_s']:.2f} of theirs**."
+        )
+    base = {s: e for s, _, e in am["ours"]["curve"]}
+    diffs = []
+    for name in ["authors", *ours[1:]]:
+        other = {s: e for s, _, e in am[name]["curve"]}
+        both = sorted(set(base) & set(other) - {0})
+        d = [other[s] - base[s] for s in both]
+        if d:
+            diffs.append(
+                f"{label(name)}: mean {np.mean(d):+.4f}, max |{np.max(np.abs(d)):.4f}| "
+                f"({len(d)} evaluations)"
+            )
+    lines += [
+        "",
+        "Per step the methods converge alike: the error curve is set by the sequence of "
+        "mini-batches (all methods see the same one) and wanders by +-0.02 between "
+        "evaluations, so a first crossing of the authors' final error rides on whichever "
+        "batch happens to dip the curve early, and even the smoothed crossing moves by "
+        "tens of steps where the curves are flat. The robust figure is the last one of "
+        "each line: the time to any error level at equal steps, i.e. the step-time ratio. "
+        "Error minus the default's at the same steps: "
+        + "; ".join(diffs)
+        + ". (bench_precision.py measures what each precision costs at convergence.)",
+    ]
+    fp32_name = next((k for k in ours if am[k]["precision"] == "fp32"), None)
+    if fp32_name:
+        f = am[fp32_name]
+        g32 = f["gemm_reference"]["gemm_fp32"] if "gemm_reference" in f else r["gemm_fp32"]
+        ceiling_s = f["mean_union_px"] * siren_flops_per_pixel() * 3.0 / g32
+        lines += [
+            "",
+            "Float32 ceiling: the authors' steps already run their SIREN GEMMs at "
+            f"{a['siren_gflops_per_s'] * 1e9 / g32:.0%} of this machine's fp32 GEMM rate, "
+            "and our step's pixel union is "
+            f"{f['mean_union_px'] / a['mean_union_px']:.0%} of their whole field at this "
+            "batch size. Even at 100 % of the fp32 GEMM rate an all-float32 step would take "
+            f"{ceiling_s:.2f} s = {ceiling_s / a['median_step_s']:.2f} of theirs: a third of "
+            "their time per step needs bfloat16 GEMMs: bf16 (all of the hidden layers) or "
+            "bf16-backward (float32 forward pass, the backward pass's two GEMMs per layer, "
+            "2/3 of the FLOPs, in bfloat16).",
+        ]
+    lines += [
+        "",
+        "### Training-step throughput vs this machine's GEMM",
+        "",
+        "SIREN FLOPs of a whole training step (forward + backward of both SIRENs on the "
+        "step's object-pixel union, 3 x forward; the step also runs the probe, FFTs, loss "
+        "and Adam) against the time those FLOPs take at 100 % of the GEMM rates the step's "
+        "precision uses (fp32: all at the fp32 rate; bf16: all at the bf16 rate; "
+        "bf16-backward: the forward third at the fp32 rate, the backward two thirds at the "
+        "bf16 rate), with both rates timed right before each step (median over the steps "
+        "of the per-step ratio: this VM's GEMM rate drifts by up to 2x with other tenants' "
+        "load, so only rates of the same moment compare; the medians of those timings in "
+        "the last column). 'fp32-equivalent' divides by the fp32 rate alone.",
+        "",
+        "| step | SIREN GFLOP/s | fraction of the GEMM ceiling | fp32-equivalent | "
+        "GEMM GFLOP/s then (fp32 / bf16) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ours:
+        mm = am[name]
+        ref = mm.get("gemm_reference", {})
+        g32 = ref.get("gemm_fp32", r["gemm_fp32"])
+        g16 = ref.get("gemm_bf16", r["gemm_bf16"])
+        first = f" (first step incl. compile {mm['first_step_s']:.0f} s)" if mm["compile"] else ""
+        lines.append(
+            f"| {label(name)} | {mm['siren_gflops_per_s']:.0f} | "
+            f"{mm.get('gemm_fraction', float('nan')):.0%}{first} | "
+            f"{mm['siren_gflops_per_s'] * 1e9 / g32:.0%} | {g32 / 1e9:.0f} / {g16 / 1e9:.0f} |"
+        )
+    lines.append("")
+    return lines
+
+
 def write_results(text: str) -> None:
     path = ROOT / "benchmarks" / "RESULTS.md"
     old = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -964,6 +997,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scale"))
     parser.add_argument("--only", default="versus,switches,scaling,parallel")
+    parser.add_argument(
+        "--versus", default=DEFAULT_VERSUS, help="methods vs the authors', of " + ",".join(VERSUS)
+    )
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument(
         "--merge", action="store_true", help="add the chosen sections to the last results"
@@ -1001,7 +1037,8 @@ def main() -> None:
         out_json.write_text(json.dumps(res, indent=1, default=float))
 
     if "versus" in only:
-        res["versus"] = versus_authors(args.workdir, args.budget_s, args.threads)
+        names = args.versus.split(",")
+        res["versus"] = versus_authors(args.workdir, args.budget_s, args.threads, names)
         save()
         print("versus done", res["versus"]["reached_s"], flush=True)
     if "switches" in only:

@@ -109,13 +109,16 @@ class PerformanceConfig(_Section):
         0.9, gt=0, le=1.0, description="share of free device memory (RAM on CPU) a run may plan"
     )
     tf32: bool = Field(False, description="TF32 tensor-core matmuls on CUDA")
-    precision: Literal["fp32", "bf16", "auto"] = Field(
+    precision: Literal["fp32", "bf16-backward", "bf16", "auto"] = Field(
         "fp32",
-        description="object networks' hidden layers: bf16 runs the width x width GEMMs in "
-        "bfloat16 (first layer, head, physics and loss stay float32): ~2.3x faster steps, the "
-        "same quality on sparse or noisy data, but a ~10x higher loss floor in the "
-        "high-accuracy regime (measured: benchmarks/bench_precision.py); auto = bf16 where "
-        "the device multiplies bf16 natively (CUDA compute capability >= 8, CPUs with AMX)",
+        description="object networks' arithmetic. fp32: float32 throughout. bf16: the hidden "
+        "width x width layers in bfloat16 (first layer, head, physics and loss stay float32): "
+        "~2.5x faster steps, the same quality on sparse or noisy data, but a higher loss floor "
+        "in the high-accuracy regime. bf16-backward: float32 forward pass (the same function), "
+        "bfloat16 GEMMs in the backward pass only (~4e-3 relative gradient noise): ~1.9x "
+        "faster, but near convergence that noise lifts the loss floor as well "
+        "(benchmarks/bench_precision.py). auto = bf16 where the device multiplies bf16 "
+        "natively (CUDA compute capability >= 8, CPUs with AMX), else fp32",
     )
     compile: bool = Field(False, description="torch.compile the object networks")
     pin_memory: bool = Field(

@@ -43,18 +43,21 @@ def _object_nets(field: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def set_object_precision(field: torch.nn.Module, precision: str) -> torch.dtype | None:
-    """Switch an object field's networks to "bf16" or "fp32" (also mid-run: no state
-    changes, only how the next forward passes compute). Returns the autocast dtype that
+    """Switch an object field's networks to "fp32", "bf16-backward" or "bf16" (also mid-run:
+    no state changes, only how the next passes compute). Returns the autocast dtype that
     `memory.sample_object` must apply around non-SIREN networks, or None.
 
     SIRENs run their hidden layers in bfloat16 themselves (first layer and head stay
-    float32, models.siren); other networks run whole under autocast, their outputs cast back
-    to float32 by a forward hook."""
+    float32), or only their backward GEMMs (models.siren); other networks run whole under
+    autocast for bf16, their outputs cast back to float32 by a forward hook, and in float32
+    for bf16-backward (their GEMMs are a small part of a step)."""
     dtype = torch.bfloat16 if precision == "bf16" else None
+    grad_dtype = torch.bfloat16 if precision == "bf16-backward" else None
     autocast_dtype = None
     for net in _object_nets(field):
         if isinstance(net, Siren):
             net.hidden_dtype = dtype
+            net.grad_dtype = grad_dtype
         elif dtype is not None:
             autocast_dtype = dtype
             if not getattr(net, "_ptyinr_float32_hook", False):

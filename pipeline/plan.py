@@ -220,12 +220,16 @@ def object_bytes_per_pixel(config: ReconstructionConfig, precision: str = "fp32"
     Per SIREN and pixel, autograd keeps each sine's input and each linear layer's input:
     float32, 2 values per layer but the first (coordinates: negligible) plus the head's
     input. With bf16 hidden layers (pipeline.fastpaths) the hidden layers keep theirs in
-    bfloat16, the first sine's input and the head's input stay float32."""
+    bfloat16, the first sine's input and the head's input stay float32. With bf16-backward
+    (models.siren) each layer keeps its input and its sine's cosine in bfloat16, the first
+    layer's cosine in float32."""
     m = config.model
     if m.object == "siren":
         w, h = m.siren_width, m.siren_hidden_layers
         if precision == "bf16":
             per_net = (4 + 2 * 2 * h + 4) * w
+        elif precision == "bf16-backward":
+            per_net = (4 + 2 * h + 2 * (h + 1)) * w
         else:
             per_net = (2 * h + 2) * w * 4
         return 2 * per_net + 3 * w * 4 + OBJECT_PIXEL_OVERHEAD
@@ -573,10 +577,16 @@ def estimate_time(
     u = wl.union_pixels
     tiled = tile_pixels > 0 and u > tile_pixels
     passes = 4.0 if tiled else 3.0  # forward + backward (2x), + recompute
-    gemm_rate = rates["gemm_bf16" if precision == "bf16" else "gemm_fp32"]
+    fp32_passes, bf16_passes = {"bf16": (0.0, passes), "bf16-backward": (passes - 2.0, 2.0)}.get(
+        precision, (passes, 0.0)
+    )
     out: dict[str, float] = {}
     if m.object == "siren":
-        out["object GEMMs"] = u * siren_flops_per_pixel(config) * passes / gemm_rate
+        out["object GEMMs"] = (
+            u
+            * siren_flops_per_pixel(config)
+            * (fp32_passes / rates["gemm_fp32"] + bf16_passes / rates["gemm_bf16"])
+        )
         # per layer and pixel: scale + sin forward, cos + 2 products backward, bias grad
         layers = m.siren_hidden_layers + 1
         out["object element-wise"] = 2 * u * layers * m.siren_width * 6 / rates["elementwise"]

@@ -58,10 +58,66 @@ def test_float32_first_layer_is_more_accurate_than_whole_network_autocast() -> N
     assert error(mixed) < 0.5 * error(whole)
 
 
+def test_bf16_backward_keeps_the_float32_function_and_approximates_the_gradients() -> None:
+    """bf16-backward: the forward pass is the float32 one, bit for bit (so the loss floor is
+    float32's); the gradients carry only bfloat16 rounding noise, judged against float64,
+    and are closer to it than whole-bf16 hidden layers'."""
+    torch.manual_seed(0)
+    net = Siren(2, 1, width=256, hidden_layers=3)
+    x = _coords()
+    target = torch.randn(x.shape[0], 1, generator=torch.Generator().manual_seed(2)) * 0.1
+    exact_net = Siren(2, 1, width=256, hidden_layers=3).double()
+    exact_net.load_state_dict(net.state_dict())
+    exact_out = exact_net(x.double())
+    (exact_out - target.double()).square().sum().backward()
+    exact_grads = [p.grad for p in exact_net.parameters()]
+
+    def run(hidden: torch.dtype | None, grad: torch.dtype | None) -> tuple[torch.Tensor, float]:
+        net.hidden_dtype, net.grad_dtype = hidden, grad
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        (out - target).square().sum().backward()
+        worst = max(
+            float((p.grad.double() - g).norm() / g.norm())
+            for p, g in zip(net.parameters(), exact_grads, strict=True)
+        )
+        return out.detach(), worst
+
+    fp32_out, fp32_grad_error = run(None, None)
+    backward_out, backward_grad_error = run(None, torch.bfloat16)
+    bf16_out, bf16_grad_error = run(torch.bfloat16, None)
+    assert torch.equal(backward_out, fp32_out)
+    assert fp32_grad_error < 1e-5
+    assert 1e-4 < backward_grad_error < 1e-2  # bfloat16 was used, and stays close
+    assert backward_grad_error < bf16_grad_error
+    assert float((bf16_out - fp32_out).norm() / fp32_out.norm()) > 1e-3
+    with torch.no_grad():  # inference takes the plain float32 path
+        net.hidden_dtype, net.grad_dtype = None, torch.bfloat16
+        assert torch.equal(net(x), fp32_out)
+
+
+def test_bf16_backward_float32_reduction_matches_autograd() -> None:
+    """The hand-written backward pass itself, with no reduced precision in it: autograd's
+    gradients to float32 rounding (a wrong index or omega would show at O(1))."""
+    torch.manual_seed(0)
+    net = Siren(2, 3, width=32, hidden_layers=2, first_omega=20.0, hidden_omega=25.0)
+    x = _coords(300)
+    weights = torch.randn(300, 3)
+
+    def grads(grad_dtype: torch.dtype | None) -> list[torch.Tensor]:
+        net.grad_dtype = grad_dtype
+        net.zero_grad(set_to_none=True)
+        (net(x) * weights).sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    for mine, reference in zip(grads(torch.float32), grads(None), strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert load_config().performance.precision == "fp32"  # bf16 costs accuracy: opt-in
-    for explicit in ("fp32", "bf16"):
+    for explicit in ("fp32", "bf16-backward", "bf16"):
         cfg = load_config(overrides=[f"performance.precision={explicit}"])
         assert fastpaths.resolve_precision(cfg.performance, cpu) == explicit
     auto = load_config(overrides=["performance.precision=auto"]).performance
@@ -112,7 +168,7 @@ def test_bf16_known_probe_reconstruction_matches_fp32() -> None:
         coords={"y": np.arange(n, dtype=float), "x": np.arange(n, dtype=float)},
     )
     errors = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16-backward", "bf16"):
         cfg = load_config(
             overrides=[
                 "model.siren_width=64",
@@ -133,3 +189,4 @@ def test_bf16_known_probe_reconstruction_matches_fp32() -> None:
         errors[precision] = scores["relative_error"]
     assert errors["fp32"] < 0.15
     assert errors["bf16"] == pytest.approx(errors["fp32"], abs=0.02)
+    assert errors["bf16-backward"] == pytest.approx(errors["fp32"], abs=0.02)

@@ -110,9 +110,10 @@ def _plan_total(output: str) -> float:
     [
         ["performance.precision=fp32"],
         ["performance.precision=bf16"],
+        ["performance.precision=bf16-backward"],
         ["performance.precision=fp32", "performance.frame_chunk=16"],
     ],
-    ids=["fp32", "bf16", "frame-chunks"],
+    ids=["fp32", "bf16", "bf16-backward", "frame-chunks"],
 )
 def test_plan_is_within_30_percent_of_the_measured_peak(
     measured_store: Path, switches: list[str]

@@ -8,9 +8,11 @@ the network represents high frequencies from the first step.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional
 
 
@@ -62,11 +64,15 @@ class Siren(nn.Module):
             self.head.weight.uniform_(-bound, bound)
             self.head.bias.zero_()
 
-        # set by pipeline.fastpaths.prepare_object_field for the bf16 fast path
+        # set by pipeline.fastpaths.set_object_precision: bfloat16 hidden layers (bf16), or
+        # a float32 forward pass with bfloat16 backward GEMMs (bf16-backward)
         self.hidden_dtype: torch.dtype | None = None
+        self.grad_dtype: torch.dtype | None = None
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         if self.hidden_dtype is None:
+            if self.grad_dtype is not None and torch.is_grad_enabled():
+                return self._forward_reduced_backward(coords)
             return self.head(self.body(coords))
         # Mixed precision: only the width x width layers (all of the FLOPs) run in
         # hidden_dtype. The first layer stays float32 because omega * (W x) reaches ~15 rad,
@@ -78,3 +84,87 @@ class Siren(nn.Module):
             for layer in hidden:
                 x = layer(x)
         return self.head(x.float())
+
+    def _forward_reduced_backward(self, coords: torch.Tensor) -> torch.Tensor:
+        params: list[torch.Tensor] = []
+        omegas = []
+        for layer in self.body:
+            params += [layer.linear.weight, layer.linear.bias]
+            omegas.append(layer.omega)
+        params += [self.head.weight, self.head.bias]
+        return _SirenReducedBackward.apply(coords.float(), tuple(omegas), self.grad_dtype, *params)
+
+
+class _SirenReducedBackward(torch.autograd.Function):
+    """A whole SIREN with a float32 forward pass and `grad_dtype` GEMMs in the backward pass.
+
+    Why: the backward pass holds two of each layer's three GEMMs, which run several times
+    faster in bfloat16 where it is native, while the forward pass, and so the function the
+    networks represent, stays float32 bit for bit (same ops, same order as Siren.body/head).
+    The price is ~4e-3 relative rounding noise in the gradients. That is far below
+    mini-batch noise, but near convergence of a full-batch fit the true gradient cancels
+    while the rounding noise does not, so the loss floor rises too (measured:
+    benchmarks/RESULTS.md, "Precision"); hence a switch, not the default.
+
+    Saved per hidden layer, in `grad_dtype`: its input (for the weight gradient) and the
+    cosine of its pre-activation (the sine's derivative). The first layer (coordinate input,
+    omega * W x reaches ~15 rad) keeps its cosine in float32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        coords: torch.Tensor,
+        omegas: tuple[float, ...],
+        grad_dtype: torch.dtype,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        x = coords
+        inputs = [coords]
+        cosines = []
+        weights = []
+        for i, omega in enumerate(omegas):
+            scaled = params[2 * i] * omega
+            z = torch.addmm(params[2 * i + 1] * omega, x, scaled.t())
+            if i:
+                weights.append(scaled.to(grad_dtype))
+                cosines.append(torch.cos(z, out=torch.empty_like(z, dtype=grad_dtype)))
+            else:
+                cosines.append(torch.cos(z))
+            x = z.sin_()  # in place: the pre-activation is not needed again
+            inputs.append(x.to(grad_dtype))
+        head_weight, head_bias = params[-2], params[-1]
+        out = torch.addmm(head_bias, x, head_weight.t())
+        ctx.omegas = omegas
+        ctx.save_for_backward(*inputs, *cosines, *weights, head_weight.to(grad_dtype))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        omegas = ctx.omegas
+        n = len(omegas)
+        saved = ctx.saved_tensors
+        inputs, cosines = saved[: n + 1], saved[n + 1 : 2 * n + 1]
+        weights, head_weight = saved[2 * n + 1 : 3 * n], saved[-1]
+        grad_dtype = head_weight.dtype
+        grad_out_reduced = grad_out.to(grad_dtype)
+        grads: list[torch.Tensor | None] = [None] * (2 * n + 2)
+        grads[-2] = _weight_grad(grad_out_reduced, inputs[-1])
+        grads[-1] = grad_out.sum(0)
+        grad_x = torch.mm(grad_out_reduced, head_weight)
+        for i in reversed(range(n)):
+            # dL/dz = dL/dx * cos(z), in place of the cosines (each is used once)
+            grad_z = cosines[i].mul_(grad_x)
+            grads[2 * i + 1] = grad_z.sum(0, dtype=torch.float32).mul_(omegas[i])
+            if i == 0:
+                grads[0] = torch.mm(grad_z.t(), inputs[0]).mul_(omegas[0])
+            else:
+                grads[2 * i] = _weight_grad(grad_z, inputs[i]).mul_(omegas[i])
+                grad_x = torch.mm(grad_z, weights[i - 1])
+        return (None, None, None, *grads)
+
+
+def _weight_grad(grad_z: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+    """grad_z^T @ input as a float32 (out, in) matrix."""
+    return torch.mm(grad_z.t(), layer_input).float()
