@@ -5,7 +5,8 @@ This is the unit of work every front end shares (`ptyinr reconstruct`, the Dask 
 `reconstructions/<run_id>` (object, probe, loss, resolved config, timings, versions,
 quality against ground truth when the store has it), mark it complete last.
 Checkpoints live in the store too (`checkpoints/<run_id>/<part>.pt`, outside the Zarr
-hierarchy) so a resubmitted run resumes where it stopped.
+hierarchy) so a resubmitted run resumes where it stopped; they and their folder go once
+the run is complete, leaving a pure Zarr store.
 """
 
 from __future__ import annotations
@@ -199,5 +200,12 @@ def reconstruct_store(
 
 
 def remove_checkpoints(store_path: Path, run_id: str) -> None:
-    """Checkpoints of a finished run are no longer needed."""
-    shutil.rmtree(Path(store_path) / CHECKPOINTS / run_id, ignore_errors=True)
+    """Checkpoints of a finished run are no longer needed. The `checkpoints/` folder goes
+    too once no run has any: Zarr warns about every non-Zarr folder when it lists the
+    store's members, so it should only exist while a run can still resume."""
+    folder = Path(store_path) / CHECKPOINTS
+    shutil.rmtree(folder / run_id, ignore_errors=True)
+    try:
+        folder.rmdir()  # only when empty: other runs' checkpoints stay
+    except OSError:
+        pass

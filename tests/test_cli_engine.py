@@ -145,6 +145,45 @@ def test_simulate_reconstruct_evaluate_show(tiny):
         assert matplotlib.image.imread(png).ndim == 3  # a real image
 
 
+def test_a_finished_run_leaves_no_checkpoint_folder(tiny, recwarn):
+    """Checkpoints exist while a run can resume; afterwards the store is pure Zarr again, so
+    listing its members raises no "not recognized as a component" warning."""
+    path, preset = tiny["store"], tiny["preset"]
+    result = invoke(
+        "reconstruct",
+        path,
+        "--config",
+        preset,
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.checkpoint_every=1",
+        "--run-id",
+        "ckpt",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert {r["run_id"]: r for r in store.list_runs(path)}["ckpt"]["status"] == "complete"
+    assert not (path / "checkpoints").exists()
+    recwarn.clear()
+    members = dict(zarr.open_group(path, mode="r").members())
+    assert "reconstructions" in members
+    assert not [w for w in recwarn if "not recognized" in str(w.message)]
+
+
+def test_removing_one_runs_checkpoints_keeps_the_others(tmp_path):
+    from pipeline.reconstruct import checkpoint_path, remove_checkpoints
+
+    for run in ("a", "b"):
+        checkpoint_path(tmp_path, run).parent.mkdir(parents=True)
+        checkpoint_path(tmp_path, run).write_bytes(b"state")
+    remove_checkpoints(tmp_path, "a")
+    assert not checkpoint_path(tmp_path, "a").parent.exists()
+    assert checkpoint_path(tmp_path, "b").exists()
+    remove_checkpoints(tmp_path, "b")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_reconstruct_with_known_probe_file(tiny):
     path, preset = tiny["store"], tiny["preset"]
     probe_file = tiny["root"] / "probe.npy"
