@@ -762,8 +762,8 @@ def report(res: dict[str, Any], command: str) -> str:
                 "runs in chunks of frames (performance.frame_chunk) next to the tiles; without "
                 "chunks its forward model alone would need "
                 f"{full_forward / 2**30:.0f} GiB. Not measured on a GPU here (none lent to "
-                "this task); `ptyinr reconstruct STORE --plan --set train.batch_size=0` on "
-                "the GPU node prints its estimate.",
+                "this task); on a GPU node `python benchmarks/bench_gpu.py` simulates this "
+                "case on the device, prints the plan and times 300 full-batch epochs.",
                 "",
             ]
     sw = res.get("switches")
