@@ -621,6 +621,8 @@ class Plan:
     time: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
     precision: str = ""  # resolved object-network precision, when the time was estimated
+    # seconds per epoch at the other precisions, when the device multiplies bf16 natively
+    alternatives: dict[str, float] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -653,6 +655,12 @@ class Plan:
             out.append(
                 f"estimated time: {self.time['step']:.3g} s per step ({parts}); "
                 f"{self.time['epoch']:.3g} s per epoch"
+            )
+        if self.alternatives:
+            other = ", ".join(f"{k} {v:.3g} s" for k, v in self.alternatives.items())
+            out.append(
+                f"per epoch with performance.precision = {other} (faster; a higher loss floor "
+                "near convergence: README, benchmarks/RESULTS.md)"
             )
         return out
 
@@ -687,13 +695,34 @@ def make_plan(
         available=available,
     )
     times: dict[str, float] = {}
+    alternatives: dict[str, float] = {}
     precision = ""
     if with_time:
         if rates is None:
             rates = calibrate(device_type, config.model.siren_width, wl.frame_shape)
         precision = object_precision(config, device_type)
         times = estimate_time(wl, config, rates, mem.tile_pixels, precision)
-    return Plan(device_type, wl, mem, times, rates or {}, precision)
+        alternatives = _faster_precisions(wl, config, rates, mem.tile_pixels, device_type)
+    return Plan(device_type, wl, mem, times, rates or {}, precision, alternatives)
+
+
+def _faster_precisions(
+    wl: Workload, config: ReconstructionConfig, rates: dict, tile_pixels: int, device_type: str
+) -> dict[str, float]:
+    """Epoch times of the bfloat16 modes, offered next to a float32 SIREN plan when this
+    device multiplies bf16 natively (a user choosing speed should see what it buys)."""
+    import torch
+
+    from pipeline.fastpaths import native_bf16
+
+    if config.model.object != "siren" or object_precision(config, device_type) != "fp32":
+        return {}
+    if "gemm_bf16" not in rates or not native_bf16(torch.device(device_type)):
+        return {}
+    return {
+        p: estimate_time(wl, config, rates, tile_pixels, p)["epoch"]
+        for p in ("bf16-backward", "bf16")
+    }
 
 
 def plan_for_store(

@@ -251,3 +251,30 @@ def test_plan_for_another_machines_device(measured_store: Path) -> None:
         assert refused.exit_code == 2, bad
         assert "--plan-for" in refused.output and bad in refused.output
     assert sorted((measured_store / "reconstructions").glob("*")) == runs_before
+
+
+def test_plan_offers_the_bfloat16_modes_where_they_are_native(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A float32 plan on a device with native bf16 shows what the faster modes would take;
+    nothing is offered without native bf16 or when a bf16 mode is already chosen."""
+    from pipeline import fastpaths
+
+    axis = np.arange(12) * 4.0 + 16.25
+    positions = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    geometry = ScanGeometry.from_positions(positions, (32, 32))
+    rates = {"gemm_fp32": 3e11, "gemm_bf16": 2e12, "elementwise": 4e9, "fft": 2e10}
+
+    def make(native: bool, *overrides: str) -> plan.Plan:
+        monkeypatch.setattr(fastpaths, "native_bf16", lambda device, n=native: n)
+        cfg = load_config(overrides=["train.batch_size=16", *overrides])
+        return plan.make_plan(geometry, cfg, rates=rates, available=8 * plan.GIB)
+
+    offered = make(True)
+    fp32_epoch = offered.time["epoch"]
+    assert list(offered.alternatives) == ["bf16-backward", "bf16"]
+    assert offered.alternatives["bf16"] < offered.alternatives["bf16-backward"] < fp32_epoch
+    assert any("performance.precision = bf16-backward" in line for line in offered.lines())
+    assert make(False).alternatives == {}
+    assert make(True, "performance.precision=bf16").alternatives == {}
+    assert make(True, "model.object=hashgrid").alternatives == {}
