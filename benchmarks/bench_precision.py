@@ -33,6 +33,10 @@ from bench_quality import CASES, SCALES, run_method
 from pipeline.simulate import SimulationConfig, simulate_scan
 from pipeline.train import ScanData
 
+# bench_quality's seven cases and a dense known-probe one: the high-accuracy regime with
+# enough positions for mini-batches (--batch-fraction)
+PRECISION_CASES = [*CASES, ("known probe 40%", {"overlap": 0.4, "noise": "clean"}, True)]
+
 VARIANTS: dict[str, list[str]] = {
     "fp32": ["performance.precision=fp32"],
     "bf16-backward": ["performance.precision=bf16-backward"],
@@ -78,6 +82,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated train.seed values")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS))
     parser.add_argument("--epoch-factor", type=float, default=1.0, help="scale epochs (smoke)")
+    parser.add_argument(
+        "--batch-fraction",
+        type=int,
+        default=0,
+        help="mini-batches of 1/F of the positions (0: full batch; the authors': 31)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--report", type=Path, help="only print the table of a results file")
     args = parser.parse_args()
@@ -97,11 +107,16 @@ def main() -> None:
     epochs = max(int(scale["inr_epochs"] * args.epoch_factor), 1)
     rows = []
     for index in chosen:
-        name, sim_overrides, known = CASES[index]
+        name, sim_overrides, known = PRECISION_CASES[index]
         s = simulate_scan(SimulationConfig(**{**scale["simulate"], **sim_overrides}))
         data = ScanData(np.asarray(s["intensities"]), np.asarray(s["positions_px"]))
         truth = (np.asarray(s["object"]), np.asarray(s["probe"]))
         known_probe = truth[1] if known else None
+        batch = []
+        if args.batch_fraction:
+            n = data.positions_px.shape[0]
+            batch = [f"train.batch_size={max(round(n / args.batch_fraction), 1)}"]
+            name = f"{name}, batch n/{args.batch_fraction}"
         for seed in [int(x) for x in args.seeds.split(",")]:
             row: dict[str, Any] = {"case": name, "seed": seed}
             for variant in args.variants.split(","):
@@ -110,6 +125,7 @@ def main() -> None:
                     [
                         *overrides,
                         *VARIANTS[variant],
+                        *batch,
                         f"train.threads={args.threads}",
                         f"train.seed={seed}",
                     ],
@@ -122,6 +138,7 @@ def main() -> None:
             print(markdown([row]).splitlines()[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if args.cases == "all" else "-cases" + args.cases.replace(",", "")
+    tag += f"-b{args.batch_fraction}" if args.batch_fraction else ""
     out = args.out / f"precision-{args.scale}-w{width}{tag}.json"
     meta = {
         "scale": args.scale,

@@ -112,6 +112,11 @@ def test_bf16_backward_float32_reduction_matches_autograd() -> None:
 
     for mine, reference in zip(grads(torch.float32), grads(None), strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    net.grad_dtype = torch.bfloat16
+    out = net(x).sum()  # its saved cosines become gradients in place: one backward only
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        out.backward()
 
 
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -136,12 +136,16 @@ class _SirenReducedBackward(torch.autograd.Function):
         head_weight, head_bias = params[-2], params[-1]
         out = torch.addmm(head_bias, x, head_weight.t())
         ctx.omegas = omegas
+        ctx.consumed = False
         ctx.save_for_backward(*inputs, *cosines, *weights, head_weight.to(grad_dtype))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.consumed:  # the cosines were turned into gradients in place the first time
+            raise RuntimeError("a bf16-backward SIREN graph can be backpropagated only once")
+        ctx.consumed = True
         omegas = ctx.omegas
         n = len(omegas)
         saved = ctx.saved_tensors
