@@ -88,6 +88,8 @@ def main() -> None:
         default=0,
         help="mini-batches of 1/F of the positions (0: full batch; the authors': 31)",
     )
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--report", type=Path, help="only print the table of a results file")
     args = parser.parse_args()
@@ -96,7 +98,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
-    overrides = list(scale["inr"])
+    overrides = [*scale["inr"], *args.set]
     if args.width:
         overrides = [o for o in overrides if not o.startswith("model.siren_width=")]
         overrides.append(f"model.siren_width={args.width}")
@@ -139,6 +141,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if args.cases == "all" else "-cases" + args.cases.replace(",", "")
     tag += f"-b{args.batch_fraction}" if args.batch_fraction else ""
+    tag += f"-{args.tag}" if args.tag else ""
     out = args.out / f"precision-{args.scale}-w{width}{tag}.json"
     meta = {
         "scale": args.scale,

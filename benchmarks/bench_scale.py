@@ -314,7 +314,7 @@ def versus_authors(
     for name, trainer in trainers.items():
         methods[name]["label"] = VERSUS[name][0]
         methods[name]["precision"] = fastpaths.resolve_precision(
-            trainer.config.performance, torch.device("cpu")
+            trainer.config, torch.device("cpu"), trainer.geometry.n_positions
         )
         methods[name]["compile"] = trainer.config.performance.compile
     schedule: list[np.ndarray] = []

@@ -110,15 +110,15 @@ class PerformanceConfig(_Section):
     )
     tf32: bool = Field(False, description="TF32 tensor-core matmuls on CUDA")
     precision: Literal["fp32", "bf16-backward", "bf16", "auto"] = Field(
-        "fp32",
+        "auto",
         description="object networks' arithmetic. fp32: float32 throughout. bf16: the hidden "
         "width x width layers in bfloat16 (first layer, head, physics and loss stay float32): "
-        "~2.5x faster steps, the same quality on sparse or noisy data, but a higher loss floor "
-        "in the high-accuracy regime. bf16-backward: float32 forward pass (the same function), "
-        "bfloat16 GEMMs in the backward pass only (~4e-3 relative gradient noise): ~1.9x "
-        "faster, but near convergence that noise lifts the loss floor as well "
-        "(benchmarks/bench_precision.py). auto = bf16 where the device multiplies bf16 "
-        "natively (CUDA compute capability >= 8, CPUs with AMX), else fp32",
+        "~2.5x faster steps, the same quality on sparse or noisy data and in mini-batch runs, "
+        "but a higher loss floor when a full-batch fit nears convergence. bf16-backward: "
+        "float32 forward pass (the same function), bfloat16 GEMMs in the backward pass only: "
+        "~1.9x faster, its gradient noise lifts full-batch floors as well. auto: bf16 for "
+        "mini-batch runs of SIRENs >= 256 wide on devices that multiply bf16 natively (CUDA "
+        "compute capability >= 8, CPUs with AMX), else fp32 (benchmarks/bench_precision.py)",
     )
     compile: bool = Field(False, description="torch.compile the object networks")
     pin_memory: bool = Field(

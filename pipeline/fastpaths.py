@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import PerformanceConfig
+from pipeline.config import ReconstructionConfig
 from pipeline.models.siren import Siren
 
 
@@ -31,11 +31,31 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-def resolve_precision(performance: PerformanceConfig, device: torch.device) -> str:
-    """performance.precision with `auto` decided for this device: "bf16" or "fp32"."""
+# narrower SIRENs' GEMMs are too small for bfloat16 to pay: mini-batch steps at width 64 / 128 / 256
+# took 1.12x / 0.93x / 0.65x the float32 step on this project's AMX CPU (0.39x at 512)
+AUTO_BF16_MIN_WIDTH = 256
+
+
+def resolve_precision(
+    config: ReconstructionConfig, device: torch.device, n_positions: int | None = None
+) -> str:
+    """performance.precision with `auto` decided: "bf16" where all of these hold, else
+    "fp32" (each measured: benchmarks/RESULTS.md, "Precision" and "Scale and speed"):
+
+    - the device multiplies bfloat16 natively (emulated bf16 is no faster);
+    - the object networks are SIRENs at least AUTO_BF16_MIN_WIDTH wide;
+    - the run takes mini-batches (0 < batch_size < positions; `n_positions` None: any
+      batch_size > 0 counts): mini-batch gradient noise is far above bfloat16's rounding,
+      and the loss floors match float32's, while full-batch fits near their floor reach a
+      lower loss in float32.
+    """
+    performance = config.performance
     if performance.precision != "auto":
         return performance.precision
-    return "bf16" if native_bf16(device) else "fp32"
+    batch = config.train.batch_size
+    mini_batch = batch > 0 and (n_positions is None or batch < n_positions)
+    wide_siren = config.model.object == "siren" and config.model.siren_width >= AUTO_BF16_MIN_WIDTH
+    return "bf16" if mini_batch and wide_siren and native_bf16(device) else "fp32"
 
 
 def _object_nets(field: torch.nn.Module) -> list[torch.nn.Module]:
@@ -67,21 +87,26 @@ def set_object_precision(field: torch.nn.Module, precision: str) -> torch.dtype 
 
 
 def prepare_object_field(
-    field: torch.nn.Module, performance: PerformanceConfig, device: torch.device
+    field: torch.nn.Module,
+    config: ReconstructionConfig,
+    device: torch.device,
+    n_positions: int | None = None,
 ) -> torch.dtype | None:
     """Apply the switchable fast paths to an object field; returns the autocast dtype that
     `sample_object` must apply around the networks, or None.
 
     - tf32: TF32 matmuls for the whole process (CUDA only; a no-op on CPU);
-    - precision: see set_object_precision (state_dict keys are unchanged, so checkpoints are
-      interchangeable between precisions);
+    - precision: resolve_precision, then set_object_precision (state_dict keys are
+      unchanged, so checkpoints are interchangeable between precisions);
     - compile: `nn.Module.compile` of each object network in place (state_dict unchanged).
     """
+    performance = config.performance
     if performance.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     nets = _object_nets(field)
-    autocast_dtype = set_object_precision(field, resolve_precision(performance, device))
+    precision = resolve_precision(config, device, n_positions)
+    autocast_dtype = set_object_precision(field, precision)
     if performance.compile and nets:
         for net in nets:
             net.compile(dynamic=True)

@@ -205,13 +205,13 @@ def parameter_counts(config: ReconstructionConfig, wl: Workload, known_probe: bo
 # --------------------------------------------------------------------------------- memory
 
 
-def object_precision(config: ReconstructionConfig, device_type: str) -> str:
-    """performance.precision resolved for a device kind (pipeline.fastpaths)."""
+def object_precision(config: ReconstructionConfig, device_type: str, n_positions: int) -> str:
+    """performance.precision resolved for a device kind and scan (pipeline.fastpaths)."""
     import torch
 
     from pipeline.fastpaths import resolve_precision
 
-    return resolve_precision(config.performance, torch.device(device_type))
+    return resolve_precision(config, torch.device(device_type), n_positions)
 
 
 def object_bytes_per_pixel(config: ReconstructionConfig, precision: str = "fp32") -> int:
@@ -296,7 +296,8 @@ def estimate_memory(
     chunked = 0 < frame_chunk < wl.frames_per_rank
     frame_chunk = frame_chunk if chunked else 0
     frame_px = (frame_chunk or wl.frames_per_rank) * wl.frame_pixels
-    per_pixel = object_bytes_per_pixel(config, object_precision(config, device_type))
+    precision = object_precision(config, device_type, wl.n_positions)
+    per_pixel = object_bytes_per_pixel(config, precision)
     u = wl.union_pixels
     if tile_pixels > 0 and u > tile_pixels and config.model.object != "pixels":
         # two tiles' activations: autograd recomputes the next tile before the last one's
@@ -700,7 +701,7 @@ def make_plan(
     if with_time:
         if rates is None:
             rates = calibrate(device_type, config.model.siren_width, wl.frame_shape)
-        precision = object_precision(config, device_type)
+        precision = object_precision(config, device_type, wl.n_positions)
         times = estimate_time(wl, config, rates, mem.tile_pixels, precision)
         alternatives = _faster_precisions(wl, config, rates, mem.tile_pixels, device_type)
     return Plan(device_type, wl, mem, times, rates or {}, precision, alternatives)
@@ -715,7 +716,9 @@ def _faster_precisions(
 
     from pipeline.fastpaths import native_bf16
 
-    if config.model.object != "siren" or object_precision(config, device_type) != "fp32":
+    if config.model.object != "siren":
+        return {}
+    if object_precision(config, device_type, wl.n_positions) != "fp32":
         return {}
     if "gemm_bf16" not in rates or not native_bf16(torch.device(device_type)):
         return {}

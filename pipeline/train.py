@@ -236,7 +236,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups)
         self._parameters = [p for group in groups for p in group["params"]]
         self.autocast_dtype = fastpaths.prepare_object_field(
-            self.object, config.performance, self.device
+            self.object, config, self.device, n_positions=self.geometry.n_positions
         )
         if parallel is not None:
             parallel.broadcast_parameters(self.object, self.probe)

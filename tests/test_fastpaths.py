@@ -121,14 +121,23 @@ def test_bf16_backward_float32_reduction_matches_autograd() -> None:
 
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    assert load_config().performance.precision == "fp32"  # bf16 costs accuracy: opt-in
     for explicit in ("fp32", "bf16-backward", "bf16"):
         cfg = load_config(overrides=[f"performance.precision={explicit}"])
-        assert fastpaths.resolve_precision(cfg.performance, cpu) == explicit
-    auto = load_config(overrides=["performance.precision=auto"]).performance
-    for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(fastpaths, "native_bf16", lambda device, n=native: n)
-        assert fastpaths.resolve_precision(auto, cpu) == expected
+        assert fastpaths.resolve_precision(cfg, cpu, 1000) == explicit
+
+    def auto(native: bool, *overrides: str, n: int | None = 1000) -> str:
+        monkeypatch.setattr(fastpaths, "native_bf16", lambda device, x=native: x)
+        cfg = load_config(overrides=["performance.precision=auto", *overrides])
+        return fastpaths.resolve_precision(cfg, cpu, n)
+
+    assert load_config().performance.precision == "auto"
+    assert auto(True, "train.batch_size=32") == "bf16"  # mini-batches of a wide SIREN
+    assert auto(True, "train.batch_size=32", n=None) == "bf16"
+    assert auto(False, "train.batch_size=32") == "fp32"  # emulated bf16: no faster
+    assert auto(True, "train.batch_size=0") == "fp32"  # full batch: float32's lower floor
+    assert auto(True, "train.batch_size=1000") == "fp32"  # a batch of all positions
+    assert auto(True, "train.batch_size=32", "model.siren_width=128") == "fp32"  # too narrow
+    assert auto(True, "train.batch_size=32", "model.object=hashgrid") == "fp32"
 
 
 def test_native_bf16_reads_the_cpu_flags(tmp_path: Path) -> None:
@@ -149,7 +158,7 @@ def test_prepare_object_field_per_network_kind(kind: str) -> None:
         overrides=[f"model.object={kind}", "model.siren_width=32", "performance.precision=bf16"]
     )
     field = build_object_field((20, 24), cfg.model)
-    dtype = fastpaths.prepare_object_field(field, cfg.performance, torch.device("cpu"))
+    dtype = fastpaths.prepare_object_field(field, cfg, torch.device("cpu"))
     if kind == "siren":
         assert dtype is None  # the SIRENs cast their hidden layers themselves
         assert field.amplitude_net.hidden_dtype == torch.bfloat16

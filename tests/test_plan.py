@@ -257,7 +257,8 @@ def test_plan_offers_the_bfloat16_modes_where_they_are_native(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A float32 plan on a device with native bf16 shows what the faster modes would take;
-    nothing is offered without native bf16 or when a bf16 mode is already chosen."""
+    nothing is offered without native bf16 or when a bf16 mode is chosen (auto chooses bf16
+    for mini-batches of a wide SIREN, float32 for full batch)."""
     from pipeline import fastpaths
 
     axis = np.arange(12) * 4.0 + 16.25
@@ -270,11 +271,16 @@ def test_plan_offers_the_bfloat16_modes_where_they_are_native(
         cfg = load_config(overrides=["train.batch_size=16", *overrides])
         return plan.make_plan(geometry, cfg, rates=rates, available=8 * plan.GIB)
 
-    offered = make(True)
+    offered = make(True, "performance.precision=fp32")
     fp32_epoch = offered.time["epoch"]
     assert list(offered.alternatives) == ["bf16-backward", "bf16"]
     assert offered.alternatives["bf16"] < offered.alternatives["bf16-backward"] < fp32_epoch
     assert any("performance.precision = bf16-backward" in line for line in offered.lines())
-    assert make(False).alternatives == {}
+    full_batch = make(True, "train.batch_size=0")
+    assert full_batch.precision == "fp32" and full_batch.alternatives
+    chosen = make(True)  # auto: mini-batches of a 512-wide SIREN
+    assert chosen.precision == "bf16" and chosen.alternatives == {}
+    assert chosen.time["epoch"] < fp32_epoch
+    assert make(False).precision == "fp32" and make(False).alternatives == {}
     assert make(True, "performance.precision=bf16").alternatives == {}
-    assert make(True, "model.object=hashgrid").alternatives == {}
+    assert make(True, "performance.precision=fp32", "model.object=hashgrid").alternatives == {}
