@@ -1,17 +1,20 @@
 """Does bfloat16 cost reconstruction quality? fp32 vs bf16 object networks on the paper's cases.
 
 `performance.precision = bf16` runs the SIRENs' width x width layers in bfloat16 (first layer,
-head, physics and loss stay float32; pipeline.fastpaths). This benchmark is the evidence for
-keeping fp32 the default and bf16 a switch: for each of the seven simulation cases of
-bench_quality.py it trains PtyINR from the same seed in each precision and records the
-quality against the ground truth at the same epochs (paired: same data, same initial
-weights, same batches), the data loss, and the training seconds.
+head, physics and loss stay float32), `bf16-backward` only their backward GEMMs
+(pipeline.fastpaths, models.siren). This benchmark is the evidence behind `precision = auto`
+(bf16 for mini-batch runs, float32 for full batch): for each simulation case it trains PtyINR
+from the same seed in each precision and records the quality against the ground truth at the
+same epochs (paired: same data, same initial weights, same batches), the data loss, and the
+training seconds.
 
     python benchmarks/bench_precision.py                      # small scale, SIREN 3 x 128
     python benchmarks/bench_precision.py --cases 6 --seeds 0,1,2 --epoch-factor 2
+    python benchmarks/bench_precision.py --cases 7 --batch-fraction 31 --epoch-factor 0.4
     python benchmarks/bench_precision.py --report benchmarks/results/precision-small-w128.json
 
-Results: benchmarks/results/precision-<scale>-w<width>[-cases...].json and a Markdown table.
+Results: benchmarks/results/precision-<scale>-w<width>[-cases...][-b<F>][-<tag>].json and a
+Markdown table.
 """
 
 from __future__ import annotations

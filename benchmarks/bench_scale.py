@@ -156,9 +156,11 @@ class AuthorsApproach:
     def __init__(self, trainer: Any) -> None:
         import torch
 
+        from pipeline.fastpaths import set_object_precision
         from pipeline.physics import ScanGeometry
 
         self.object = copy.deepcopy(trainer.object)
+        set_object_precision(self.object, "fp32")  # theirs is float32, whatever ours runs
         self.probe = copy.deepcopy(trainer.probe)
         cfg = trainer.config
         self.config = cfg
@@ -585,7 +587,7 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
     """Section 6: each memory / speed switch alone on the paper case (batch n/31), step time
     and peak RSS in a fresh process per setting."""
     settings = {
-        "default (fp32; chunks of 4096 px; cpu_heap auto = reuse here)": [],
+        "default switches in float32 (chunks of 4096 px; cpu_heap auto = reuse here)": [],
         "object_chunk_pixels=0 (whole union at once)": ["performance.object_chunk_pixels=0"],
         "cpu_heap=bounded (freed tensors unmapped)": ["performance.cpu_heap=bounded"],
         "object_tile_pixels=16384 (checkpointed tiles; auto heap = bounded)": [
@@ -601,6 +603,8 @@ def switches(workdir: Path, threads: int, steps: int = 3) -> dict[str, Any]:
     }
     out = {}
     for label, extra in settings.items():
+        if not any(e.startswith("performance.precision=") for e in extra):
+            extra = ["performance.precision=fp32", *extra]  # each switch against float32
         spec = {"switch": extra, "threads": threads, "steps": steps, "store": str(workdir)}
         out[label] = run_child("--switch-child", spec)
         if "error" in out[label]:
@@ -769,7 +773,7 @@ def report(res: dict[str, Any], command: str) -> str:
     sw = res.get("switches")
     if sw:
         lines += [
-            "### Each switch alone (paper case, batch n/31; default precision unless stated)",
+            "### Each switch alone (paper case, batch n/31; float32 unless stated)",
             "",
             "Fresh process per setting, frames read lazily from the store, median of 3 steps "
             "after a warm-up step; peak = VmHWM - RSS before the trainer.",
