@@ -7,8 +7,9 @@ batch for `--epochs` epochs or until `--time-limit`, and reports seconds per epo
 300-epoch time (measured when the run got there, else extrapolated and said so), the peak
 device memory against the plan, and the object error.
 
-    python benchmarks/bench_gpu.py                                # CUDA, precision auto
-    python benchmarks/bench_gpu.py --precision fp32 --tf32        # the float32 row
+    python benchmarks/bench_gpu.py                                # CUDA, auto: fp32 (full batch)
+    python benchmarks/bench_gpu.py --tf32                         # float32 with TF32 matmuls
+    python benchmarks/bench_gpu.py --precision bf16               # bfloat16 hidden layers
     python benchmarks/bench_gpu.py --side 7 --frame 32 --step 3 --device cpu --epochs 2  # smoke
 
 Results: benchmarks/results/gpu-<device>-<precision>.json and a Markdown block on stdout.

@@ -238,6 +238,8 @@ class Trainer:
         self.autocast_dtype = fastpaths.prepare_object_field(
             self.object, config, self.device, n_positions=self.geometry.n_positions
         )
+        # what performance.precision = auto became, for the run's record
+        self.precision = fastpaths.resolve_precision(config, self.device, self.geometry.n_positions)
         if parallel is not None:
             parallel.broadcast_parameters(self.object, self.probe)
         self.step = 0
@@ -556,6 +558,7 @@ class Trainer:
             "processes": 1 if self.parallel is None else self.parallel.world_size,
             "object_tile_pixels": self.runtime.tile_pixels,
             "frame_chunk": self.runtime.frame_chunk,
+            "object_precision": self.precision,
             "streamed_frames": self.stream is not None,
             "versions": {"ptyinr": __version__, "torch": torch.__version__},
         }

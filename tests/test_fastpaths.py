@@ -196,6 +196,7 @@ def test_bf16_known_probe_reconstruction_matches_fp32() -> None:
             ]
         )
         result = reconstruct(data, cfg, known_probe=np.asarray(sim["probe"]), progress=False)
+        assert result.info["object_precision"] == precision  # recorded with the run
         interior = evaluate.scanned_interior(
             result.geometry.object_shape, result.geometry.window_centres_on_grid()
         )
