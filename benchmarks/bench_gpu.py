@@ -32,7 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import evaluate, plan  # noqa: E402
+import xarray as xr  # noqa: E402
+from bench_scale import object_error, trainer_values  # noqa: E402
+
+from pipeline import plan  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.physics import ScanGeometry, forward_intensity  # noqa: E402
 from pipeline.simulate import SimulationConfig, make_object, make_probe  # noqa: E402
@@ -68,21 +71,12 @@ def simulate_on_device(
     return {"object": obj, "positions": positions, "intensities": intensities}
 
 
-def object_error(trainer: Trainer, truth: np.ndarray) -> float:
-    """Relative error of the reconstructed object on the scanned interior (ramp removed)."""
-    import xarray as xr
-
-    with torch.no_grad():
-        values = trainer.object.full().cpu().numpy()
-    geometry = trainer.geometry
-    ys, xs = geometry.pixel_coordinates()
-    da = xr.DataArray(values, dims=("y", "x"), coords={"y": ys * 1.0, "x": xs * 1.0})
-    ny, nx = truth.shape
-    true = xr.DataArray(
-        truth, dims=("y", "x"), coords={"y": np.arange(ny) * 1.0, "x": np.arange(nx) * 1.0}
+def truth_array(obj: np.ndarray) -> xr.DataArray:
+    """The simulated object on pixel coordinates (the scan data carry no pixel size)."""
+    ny, nx = obj.shape
+    return xr.DataArray(
+        obj, dims=("y", "x"), coords={"y": np.arange(ny) * 1.0, "x": np.arange(nx) * 1.0}
     )
-    mask = evaluate.scanned_interior(geometry.object_shape, geometry.window_centres_on_grid())
-    return float(evaluate.compare_object(da, true, mask=mask, remove_ramp=True)["relative_error"])
 
 
 def main() -> None:
@@ -167,7 +161,7 @@ def main() -> None:
         "tile_pixels": trainer.runtime.tile_pixels,
         "frame_chunk": trainer.runtime.frame_chunk,
         "loss": losses,
-        "object_error": object_error(trainer, sim["object"]),
+        "object_error": object_error(trainer_values(trainer), trainer, truth_array(sim["object"])),
         "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)

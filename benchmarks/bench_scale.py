@@ -122,28 +122,13 @@ def siren_flops_per_pixel(width: int = 512, hidden: int = 3) -> float:
 
 
 def gemm_rates(names: tuple[str, ...] = ("gemm_fp32", "gemm_bf16")) -> dict[str, float]:
-    """FLOP/s of the 8192 x 512 @ 512 x 512 GEMM (pipeline.plan.calibrate's), best of 3, in
-    fp32 and/or bf16: sampled right before training steps, so that each step's throughput
-    is compared with the machine's GEMM rate of the same moment (this VM's rate drifts by
-    up to 2x with other tenants' load)."""
-    import torch
+    """This CPU's GEMM rates (pipeline.plan.gemm_rates, calibrate's GEMM), sampled right
+    before training steps, so that each step's throughput is compared with the machine's
+    GEMM rate of the same moment (this VM's rate drifts by up to 2x with other tenants'
+    load)."""
+    from pipeline import plan
 
-    rows, width = 8192, 512
-    out = {}
-    dtypes = {"gemm_fp32": torch.float32, "gemm_bf16": torch.bfloat16}
-    for name in names:
-        dtype = dtypes[name]
-        a = torch.randn(rows, width, dtype=dtype)
-        w = torch.randn(width, width, dtype=dtype)
-        result = torch.empty(rows, width, dtype=dtype)
-        torch.mm(a, w, out=result)
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(a, w, out=result)
-            best = min(best, time.perf_counter() - t0)
-        out[name] = 2.0 * rows * width * width / best
-    return out
+    return plan.gemm_rates("cpu", 512, names)
 
 
 # ------------------------------------------------------------------------------ baseline
@@ -239,11 +224,11 @@ def object_error(values: np.ndarray, trainer: Any, truth: Any) -> float:
 
     geometry = trainer.geometry
     ys, xs = geometry.pixel_coordinates()
-    sy, sx = trainer.data.pixel_size
+    size = trainer.data.pixel_size
+    sy, sx = size or (1.0, 1.0)
+    units = {"units": "m" if size else "px"}  # pixel units for data without a pixel size
     da = xr.DataArray(
-        values,
-        dims=("y", "x"),
-        coords={"y": ("y", ys * sy, {"units": "m"}), "x": ("x", xs * sx, {"units": "m"})},
+        values, dims=("y", "x"), coords={"y": ("y", ys * sy, units), "x": ("x", xs * sx, units)}
     )
     mask = evaluate.scanned_interior(geometry.object_shape, geometry.window_centres_on_grid())
     return float(evaluate.compare_object(da, truth, mask=mask, remove_ramp=True)["relative_error"])

@@ -4,11 +4,12 @@ bfloat16 hidden layers, torch.compile."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from pipeline.config import ReconstructionConfig
+from pipeline.config import PerformanceConfig, ReconstructionConfig
 from pipeline.models.siren import Siren
 
 
@@ -23,12 +24,18 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
-        try:
-            with open(cpuinfo) as fh:
-                return any(line.startswith("flags") and " amx_bf16" in line for line in fh)
-        except OSError:
-            return False
+        return _cpu_has_amx_bf16(cpuinfo)
     return False
+
+
+@functools.cache
+def _cpu_has_amx_bf16(cpuinfo: str) -> bool:
+    """Read once per process: the memory plan asks for every candidate layout it tries."""
+    try:
+        with open(cpuinfo) as fh:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in fh)
+    except OSError:
+        return False
 
 
 # narrower SIRENs' GEMMs are too small for bfloat16 to pay: mini-batch steps at width 64 / 128 / 256
@@ -88,24 +95,22 @@ def set_object_precision(field: torch.nn.Module, precision: str) -> torch.dtype 
 
 def prepare_object_field(
     field: torch.nn.Module,
-    config: ReconstructionConfig,
+    performance: PerformanceConfig,
     device: torch.device,
-    n_positions: int | None = None,
+    precision: str,
 ) -> torch.dtype | None:
     """Apply the switchable fast paths to an object field; returns the autocast dtype that
     `sample_object` must apply around the networks, or None.
 
     - tf32: TF32 matmuls for the whole process (CUDA only; a no-op on CPU);
-    - precision: resolve_precision, then set_object_precision (state_dict keys are
-      unchanged, so checkpoints are interchangeable between precisions);
+    - precision (already resolved: resolve_precision): see set_object_precision (state_dict
+      keys are unchanged, so checkpoints are interchangeable between precisions);
     - compile: `nn.Module.compile` of each object network in place (state_dict unchanged).
     """
-    performance = config.performance
     if performance.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     nets = _object_nets(field)
-    precision = resolve_precision(config, device, n_positions)
     autocast_dtype = set_object_precision(field, precision)
     if performance.compile and nets:
         for net in nets:

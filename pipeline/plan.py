@@ -512,42 +512,59 @@ def _with_largest_tile(
 # --------------------------------------------------------------------------------- time
 
 
+def _timed(dev: Any, fn: Any, repeat: int = 3) -> float:
+    """Best of `repeat` timed calls after a warm-up (synchronised on CUDA)."""
+    import torch
+
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def gemm_rates(
+    device: Any = "cpu", width: int = 512, names: tuple[str, ...] = ("gemm_fp32", "gemm_bf16")
+) -> dict[str, float]:
+    """FLOP/s of a (rows x width) @ (width x width) GEMM in fp32 and/or bf16, measured now
+    (rows: 8192 on a CPU, 65536 on a GPU)."""
+    import torch
+
+    dev = torch.device(device)
+    rows = 8192 if dev.type == "cpu" else 65536
+    dtypes = {"gemm_fp32": torch.float32, "gemm_bf16": torch.bfloat16}
+    rates: dict[str, float] = {}
+    for name in names:
+        a = torch.randn(rows, width, device=dev, dtype=dtypes[name])
+        b = torch.randn(width, width, device=dev, dtype=dtypes[name])
+        out = torch.empty(rows, width, device=dev, dtype=dtypes[name])
+        seconds = _timed(dev, lambda a=a, b=b, o=out: torch.mm(a, b, out=o))
+        rates[name] = 2.0 * rows * width * width / seconds
+    return rates
+
+
 def calibrate(device: Any, width: int = 512, frame_shape: tuple[int, int] = (64, 64)) -> dict:
     """Rates of this device, measured now: GEMM FLOP/s (fp32 and bf16), sine elements/s,
     FFT FLOP/s for frame-sized complex64 transforms. About a second on a CPU."""
     import torch
 
     dev = torch.device(device)
-
-    def timed(fn: Any, repeat: int = 3) -> float:
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        best = math.inf
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, time.perf_counter() - start)
-        return max(best, 1e-9)
-
+    rates = gemm_rates(dev, width)
     rows = 8192 if dev.type == "cpu" else 65536
-    rates: dict[str, float] = {}
-    for name, dtype in (("gemm_fp32", torch.float32), ("gemm_bf16", torch.bfloat16)):
-        a = torch.randn(rows, width, device=dev, dtype=dtype)
-        b = torch.randn(width, width, device=dev, dtype=dtype)
-        out = torch.empty(rows, width, device=dev, dtype=dtype)
-        seconds = timed(lambda a=a, b=b, o=out: torch.mm(a, b, out=o))
-        rates[name] = 2.0 * rows * width * width / seconds
     x = torch.randn(rows * width // 4, device=dev)
     y = torch.empty_like(x)
-    rates["elementwise"] = x.numel() / timed(lambda: torch.sin(x, out=y))
+    rates["elementwise"] = x.numel() / _timed(dev, lambda: torch.sin(x, out=y))
     ny, nx = frame_shape
     frames = max(1, (1 << 22) // (ny * nx))
     f = torch.randn(frames, ny, nx, dtype=torch.complex64, device=dev)
     g = torch.empty_like(f)
-    rates["fft"] = frames * fft_flops(frame_shape) / timed(lambda: torch.fft.fft2(f, out=g))
+    rates["fft"] = frames * fft_flops(frame_shape) / _timed(dev, lambda: torch.fft.fft2(f, out=g))
     return rates
 
 
@@ -703,24 +720,24 @@ def make_plan(
             rates = calibrate(device_type, config.model.siren_width, wl.frame_shape)
         precision = object_precision(config, device_type, wl.n_positions)
         times = estimate_time(wl, config, rates, mem.tile_pixels, precision)
-        alternatives = _faster_precisions(wl, config, rates, mem.tile_pixels, device_type)
+        if precision == "fp32":
+            alternatives = _faster_precisions(wl, config, rates, mem.tile_pixels, device_type)
     return Plan(device_type, wl, mem, times, rates or {}, precision, alternatives)
 
 
 def _faster_precisions(
     wl: Workload, config: ReconstructionConfig, rates: dict, tile_pixels: int, device_type: str
 ) -> dict[str, float]:
-    """Epoch times of the bfloat16 modes, offered next to a float32 SIREN plan when this
-    device multiplies bf16 natively (a user choosing speed should see what it buys)."""
+    """Epoch times of the bfloat16 modes, offered next to a float32 SIREN plan (the caller
+    checks the precision) when this device multiplies bf16 natively (a user choosing
+    speed should see what it buys)."""
     import torch
 
     from pipeline.fastpaths import native_bf16
 
-    if config.model.object != "siren":
+    if config.model.object != "siren" or "gemm_bf16" not in rates:
         return {}
-    if object_precision(config, device_type, wl.n_positions) != "fp32":
-        return {}
-    if "gemm_bf16" not in rates or not native_bf16(torch.device(device_type)):
+    if not native_bf16(torch.device(device_type)):
         return {}
     return {
         p: estimate_time(wl, config, rates, tile_pixels, p)["epoch"]

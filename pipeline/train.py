@@ -235,11 +235,11 @@ class Trainer:
             groups.append({"params": probe_params, "lr": train.lr_probe})
         self.optimizer = torch.optim.Adam(groups)
         self._parameters = [p for group in groups for p in group["params"]]
-        self.autocast_dtype = fastpaths.prepare_object_field(
-            self.object, config, self.device, n_positions=self.geometry.n_positions
-        )
-        # what performance.precision = auto became, for the run's record
+        # what performance.precision = auto becomes here, also for the run's record
         self.precision = fastpaths.resolve_precision(config, self.device, self.geometry.n_positions)
+        self.autocast_dtype = fastpaths.prepare_object_field(
+            self.object, config.performance, self.device, self.precision
+        )
         if parallel is not None:
             parallel.broadcast_parameters(self.object, self.probe)
         self.step = 0

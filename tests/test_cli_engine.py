@@ -90,6 +90,21 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "preset": preset, "store": path}
 
 
+def reconstruct_run(tiny: dict[str, Path], run_id: str, *sets: str):
+    """`ptyinr reconstruct` of the tiny store with its preset and `--set` overrides."""
+    overrides = [a for item in sets for a in ("--set", item)]
+    return invoke(
+        "reconstruct",
+        tiny["store"],
+        "--config",
+        tiny["preset"],
+        *overrides,
+        "--run-id",
+        run_id,
+        "--quiet",
+    )
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -99,17 +114,7 @@ def test_simulate_reconstruct_evaluate_show(tiny):
     assert "true_object" in ds and "true_probe" in ds
     assert ds.sizes["det_y"] == 16 and ds.attrs["positions_unit"] == "m"
 
-    result = invoke(
-        "reconstruct",
-        path,
-        "--config",
-        preset,
-        "--set",
-        "train.epochs=3",
-        "--run-id",
-        "r1",
-        "--quiet",
-    )
+    result = reconstruct_run(tiny, "r1", "train.epochs=3")
     assert result.exit_code == 0, result.output
     assert "r1" in result.stdout and "complete" in result.stdout
 
@@ -148,20 +153,8 @@ def test_simulate_reconstruct_evaluate_show(tiny):
 def test_a_finished_run_leaves_no_checkpoint_folder(tiny, recwarn):
     """Checkpoints exist while a run can resume; afterwards the store is pure Zarr again, so
     listing its members raises no "not recognized as a component" warning."""
-    path, preset = tiny["store"], tiny["preset"]
-    result = invoke(
-        "reconstruct",
-        path,
-        "--config",
-        preset,
-        "--set",
-        "train.epochs=2",
-        "--set",
-        "train.checkpoint_every=1",
-        "--run-id",
-        "ckpt",
-        "--quiet",
-    )
+    path = tiny["store"]
+    result = reconstruct_run(tiny, "ckpt", "train.epochs=2", "train.checkpoint_every=1")
     assert result.exit_code == 0, result.output
     assert {r["run_id"]: r for r in store.list_runs(path)}["ckpt"]["status"] == "complete"
     assert not (path / "checkpoints").exists()

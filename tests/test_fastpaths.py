@@ -158,7 +158,10 @@ def test_prepare_object_field_per_network_kind(kind: str) -> None:
         overrides=[f"model.object={kind}", "model.siren_width=32", "performance.precision=bf16"]
     )
     field = build_object_field((20, 24), cfg.model)
-    dtype = fastpaths.prepare_object_field(field, cfg, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    dtype = fastpaths.prepare_object_field(
+        field, cfg.performance, cpu, fastpaths.resolve_precision(cfg, cpu)
+    )
     if kind == "siren":
         assert dtype is None  # the SIRENs cast their hidden layers themselves
         assert field.amplitude_net.hidden_dtype == torch.bfloat16

@@ -62,7 +62,10 @@ def test_tiled_object_equals_untiled_values_and_gradients(precision: str) -> Non
         ]
     )
     field = build_object_field((40, 50), cfg.model)
-    dtype = fastpaths.prepare_object_field(field, cfg, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    dtype = fastpaths.prepare_object_field(
+        field, cfg.performance, cpu, fastpaths.resolve_precision(cfg, cpu)
+    )
     bf16 = precision == "bf16"
     assert field.amplitude_net.hidden_dtype == (torch.bfloat16 if bf16 else None)
     backward = precision == "bf16-backward"
