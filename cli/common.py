@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,3 +29,41 @@ def user_errors() -> Iterator[None]:
         yield
     except InputError as exc:
         raise fail(exc) from None
+
+
+ProbeGuessOption = Annotated[
+    str | None,
+    typer.Option(
+        "--probe-guess",
+        metavar="FILE",
+        help="start the probe from a guess that is then refined: .npy, .npz, HDF5/CXI "
+        "(FILE:/dataset), or another run's probe (STORE.zarr:RUN); resampled to this scan's "
+        "pixel size (--probe instead holds a known probe fixed)",
+    ),
+]
+
+
+def probe_guess_overrides(source: str | None) -> list[str]:
+    """`--probe-guess SOURCE` as config overrides (model.probe_init = file, probe.guess), with
+    the path made absolute (workers may start elsewhere) and checked before any work starts."""
+    if not source:
+        return []
+    import json
+    from pathlib import Path
+
+    text = str(source)
+    path_part, sep, rest = text, "", ""
+    for marker in (".zarr:", ":/"):
+        if marker in text:
+            head, _, tail = text.rpartition(marker)
+            path_part = head + marker.rstrip(":/").rstrip(":")
+            sep, rest = ":", (tail if marker == ".zarr:" else "/" + tail)
+            break
+    path = Path(path_part).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"--probe-guess {text!r}: {path_part!r} not found; expected a .npy, .npz, HDF5/CXI "
+            "file (FILE:/dataset) or STORE.zarr:RUN"
+        )
+    resolved = str(path.resolve()) + sep + rest
+    return ["model.probe_init=file", f"probe.guess={json.dumps(resolved)}"]

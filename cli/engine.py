@@ -12,7 +12,13 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from cli.common import console, err_console, user_errors
+from cli.common import (
+    ProbeGuessOption,
+    console,
+    err_console,
+    probe_guess_overrides,
+    user_errors,
+)
 from pipeline import figures, store
 from pipeline.config import load_config, read_toml
 from pipeline.errors import ConfigError, InputError, ReconstructionFailed
@@ -104,6 +110,7 @@ def reconstruct(
     probe: Annotated[
         Path | None, typer.Option(help="known probe (.npy, frame shape): probe is not fitted")
     ] = None,
+    probe_guess: ProbeGuessOption = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
     figures_dir: Annotated[
         Path | None, typer.Option("--figures", help="also write PNG figures here")
@@ -133,7 +140,12 @@ def reconstruct(
 ) -> None:
     """Reconstruct object and probe of one scan store into reconstructions/<run_id>."""
     with user_errors():
-        overrides = list(set_ or [])
+        if probe is not None and probe_guess:
+            raise InputError(
+                "--probe and --probe-guess: give one (--probe holds a known probe fixed, "
+                "--probe-guess starts a probe that is refined)"
+            )
+        overrides = list(set_ or []) + probe_guess_overrides(probe_guess)
         if device:
             overrides.append(f"train.device={device}")
         cfg = load_config(config, overrides)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, user_errors
+from cli.common import ProbeGuessOption, console, probe_guess_overrides, user_errors
 from pipeline import graph, store
 from pipeline.config import ReconstructionConfig, load_config, parse_override
 from pipeline.errors import InputError
@@ -175,6 +175,7 @@ def run(
     binning: BinningOption = 1,
     retries: RetriesOption = graph.DEFAULT_RETRIES,
     quiet: QuietOption = False,
+    probe_guess: ProbeGuessOption = None,
 ) -> None:
     """Reconstruct each store and estimate its resolution (FRC), as one Dask graph.
 
@@ -183,7 +184,7 @@ def run(
     from pipeline.reconstruct import new_run_id
 
     with user_errors():
-        cfg = load_config(config, list(set_ or []))
+        cfg = load_config(config, list(set_ or []) + probe_guess_overrides(probe_guess))
         pre = _preprocess_options(preprocess, frame_size, binning)
         missing = [str(s) for s in stores if not s.exists()]
         if missing:
@@ -304,6 +305,7 @@ def scan(
     binning: BinningOption = 1,
     retries: RetriesOption = graph.DEFAULT_RETRIES,
     quiet: QuietOption = False,
+    probe_guess: ProbeGuessOption = None,
 ) -> None:
     """Run every store x every grid configuration as one Dask graph, and summarise them.
 
@@ -313,7 +315,7 @@ def scan(
     with user_errors():
         parsed = parse_grid(list(grid or []))
         stores = expand_stores(patterns)
-        base = list(set_ or [])
+        base = list(set_ or []) + probe_guess_overrides(probe_guess)
         pre = _preprocess_options(preprocess, frame_size, binning)
         configs: list[tuple[tuple[tuple[str, Any], ...], ReconstructionConfig]] = []
         for point in graph.iter_grid(parsed):

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.batching import resolve_batch_size
 from pipeline.errors import ConfigError
 
 
@@ -31,7 +32,13 @@ class ModelConfig(_Section):
     first_omega: float = Field(30.0, gt=0, description="SIREN first-layer omega_0 (30; 90 dense)")
     hidden_omega: float = Field(30.0, gt=0, description="SIREN omega of the hidden layers")
     siren_hidden_layers: int = Field(3, ge=1, le=16)
-    siren_width: int = Field(512, ge=4, le=4096)
+    siren_width: int = Field(
+        256,
+        ge=4,
+        le=4096,
+        description="hidden units per SIREN layer (the paper: 512; 256 holds objects of a few "
+        "hundred pixels across at a quarter of the cost)",
+    )
     hash_levels: int = Field(16, ge=1, le=32)
     hash_features: int = Field(2, ge=1, le=8)
     hash_log2_table_size: int = Field(15, ge=8, le=24)
@@ -39,9 +46,12 @@ class ModelConfig(_Section):
     hash_per_level_scale: float = Field(1.5, gt=1.0, le=4.0)
     mlp_hidden_layers: int = Field(2, ge=1, le=8)
     mlp_width: int = Field(64, ge=4, le=1024)
-    probe_init: Literal["data", "random"] = Field(
+    probe_init: Literal["data", "optics", "file", "random"] = Field(
         "data",
-        description="data: start the probe from the mean diffraction pattern; random: as the paper",
+        description="data: a probe estimated from the data (bright-field disk of the mean "
+        "pattern, defocus chosen by short trial fits); optics: the [probe] section's zone "
+        "plate or lens; file: the guess in probe.guess (--probe-guess); random: as the paper. "
+        "All of them are refined (a known, fixed probe is --probe)",
     )
     probe_init_steps: int = Field(300, ge=0, description="warm-start steps of a network probe")
     use_tinycudann: bool = Field(False, description="use tiny-cuda-nn when importable on CUDA")
@@ -50,10 +60,36 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation: loss of equation (2), Adam, batches, reproducibility, checkpoints."""
 
-    epochs: int = Field(300, ge=1, description="passes over all scan positions")
-    batch_size: int = Field(0, ge=0, description="positions per step; 0 = full batch")
-    lr_object: float = Field(1e-4, gt=0, le=1.0)
-    lr_probe: float = Field(1e-4, gt=0, le=1.0)
+    epochs: int = Field(
+        50,
+        ge=1,
+        description="passes over all scan positions (the paper's runs: 300 epochs of "
+        "mini-batches, or thousands of full-batch steps)",
+    )
+    batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="positions per step; 0 = full batch; auto: full batch up to "
+        "`auto_batch_above` positions, beyond that spatially local mini-batches of about "
+        "that many positions",
+    )
+    auto_batch_above: int = Field(
+        1024, ge=1, description="batch_size = auto: largest scan fitted in full batches"
+    )
+    batches: Literal["local", "random"] = Field(
+        "local",
+        description="mini-batches of neighbouring positions (each step evaluates the object "
+        "on a compact patch; the tiling moves every epoch) or a random shuffle",
+    )
+    lr_object: float = Field(5e-4, gt=0, le=1.0)
+    lr_probe: float = Field(5e-4, gt=0, le=1.0)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine",
+        description="cosine: linear warm-up over `lr_warmup` of the steps, then cosine decay "
+        "to `lr_final` x the learning rates (coarse features early, noise averaged late); "
+        "constant: as the paper",
+    )
+    lr_warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps warming up")
+    lr_final: float = Field(0.1, gt=0, le=1, description="last step's share of the rates")
     loss_beta: float = Field(1e-2, gt=0, description="SmoothL1 threshold on sqrt intensities")
     probe_reg_lambda: float = Field(1e-2, ge=0, description="weight of mean probe amplitude")
     probe_reg_steps: int = Field(100, ge=0, description="steps k during which it applies")
@@ -65,6 +101,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     log_every: int = Field(1, ge=1, description="epochs between loss records")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
+
+    def batch_size_for(self, n_positions: int) -> int:
+        """Positions per step for a scan of `n_positions` (0 = full batch), auto resolved."""
+        return resolve_batch_size(self.batch_size, self.auto_batch_above, n_positions)
 
 
 class DataConfig(_Section):
@@ -133,10 +173,38 @@ class PerformanceConfig(_Section):
     )
 
 
+class ProbeConfig(_Section):
+    """Where the probe starts (model.probe_init): a guess file, or the focusing optics.
+
+    The optics are a zone plate or lens with a circular aperture: give its diameter and its
+    focal length or outermost zone width, the central stop and the sample's distance from the
+    focus (positive: downstream). Energy and detector geometry come from the scan store; the
+    keys here override them (or supply them for stores with pixel positions only)."""
+
+    guess: str | None = Field(
+        None,
+        description="probe_init = file: .npy, .npz, HDF5/CXI (FILE:/dataset), or STORE.zarr:RUN",
+    )
+    diameter_m: float | None = Field(None, gt=0, description="zone plate / lens aperture")
+    focal_length_m: float | None = Field(None, gt=0)
+    outer_zone_width_m: float | None = Field(None, gt=0, description="zone plate's dr")
+    central_stop_diameter_m: float = Field(0.0, ge=0)
+    defocus_m: float = Field(0.0, description="sample distance from the focus (+: downstream)")
+    energy_ev: float | None = Field(None, gt=0, description="override the store's energy")
+    detector_distance_m: float | None = Field(None, gt=0)
+    detector_pixel_size_m: float | None = Field(None, gt=0)
+    search_defocus: bool = Field(
+        True,
+        description="probe_init = data: choose the probe's defocus (size) by short trial fits; "
+        "false: a focused probe (inverse FFT of the mean pattern)",
+    )
+
+
 class ReconstructionConfig(_Section):
     """The whole resolved configuration of one reconstruction."""
 
     model: ModelConfig = ModelConfig()
+    probe: ProbeConfig = ProbeConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     performance: PerformanceConfig = PerformanceConfig()

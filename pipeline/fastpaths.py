@@ -52,15 +52,18 @@ def resolve_precision(
     - the device multiplies bfloat16 natively (emulated bf16 is no faster);
     - the object networks are SIRENs at least AUTO_BF16_MIN_WIDTH wide;
     - the run takes mini-batches (0 < batch_size < positions; `n_positions` None: any
-      batch_size > 0 counts): mini-batch gradient noise is far above bfloat16's rounding,
+      batch_size > 0 or auto counts): mini-batch gradient noise is far above bfloat16's rounding,
       and the loss floors match float32's, while full-batch fits near their floor reach a
       lower loss in float32.
     """
     performance = config.performance
     if performance.precision != "auto":
         return performance.precision
-    batch = config.train.batch_size
-    mini_batch = batch > 0 and (n_positions is None or batch < n_positions)
+    if n_positions is None:
+        batch = config.train.batch_size
+        mini_batch = batch == "auto" or int(batch) > 0
+    else:
+        mini_batch = config.train.batch_size_for(n_positions) > 0
     wide_siren = config.model.object == "siren" and config.model.siren_width >= AUTO_BF16_MIN_WIDTH
     return "bf16" if mini_batch and wide_siren and native_bf16(device) else "fp32"
 

@@ -123,16 +123,18 @@ def workload(
     geometry: Any, config: ReconstructionConfig, world_size: int = 1, samples: int = 3
 ) -> Workload:
     """Per-step sizes of this scan under this configuration (a few batches sampled)."""
+    from pipeline.batching import epoch_batches
     from pipeline.parallel import morton_key, split_batch
-    from pipeline.train import batches
 
     n = geometry.n_positions
-    bs = config.train.batch_size
-    full = bs <= 0 or bs >= n
+    bs = config.train.batch_size_for(n)
+    full = bs <= 0
     steps = 1 if full else math.ceil(n / bs)
     key = morton_key(geometry.top_left) if world_size > 1 else None
     frames, union = 0, 0
-    for i, batch in enumerate(batches(n, bs, config.train.seed, 0)):
+    centres = geometry.window_centres_on_grid()
+    schedule = epoch_batches(centres, bs, config.train.batches, config.train.seed, 0)
+    for i, batch in enumerate(schedule):
         if i >= samples:
             break
         parts = [batch] if key is None else split_batch(batch, key, world_size)

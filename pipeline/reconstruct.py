@@ -82,8 +82,25 @@ def load_scan(path: str | Path, config: ReconstructionConfig, lazy: bool = False
         pixel = None
     mask_name = "preprocessed_mask" if source == "preprocessed" else "mask"
     bad = np.asarray(ds[mask_name].values, bool) if mask_name in ds else None
-    data = ScanData(frames, positions, bad_pixels=bad, pixel_size=pixel)
+    data = ScanData(
+        frames,
+        positions,
+        bad_pixels=bad,
+        pixel_size=pixel,
+        wavelength_m=_positive_attr(ds, "wavelength_m"),
+        detector_distance_m=_positive_attr(ds, "detector_distance_m"),
+        detector_pixel_size_m=_positive_attr(ds, "detector_pixel_size_m"),
+    )
     return LoadedScan(path=path, dataset=ds, data=data, source=source)
+
+
+def _positive_attr(ds: xr.Dataset, key: str) -> float | None:
+    """A positive, finite number from the store's attrs, else None (not recorded)."""
+    try:
+        value = float(ds.attrs.get(key))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def load_probe_file(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarray:

@@ -2,9 +2,14 @@
 
 Object: amplitude from one image and phase from another, both shipped with scikit-image.
 Probe: a zone-plate-like focus (annular pupil with central stop, small defocus) so it has
-rings and real phase structure. Scans: raster with step set by the overlap ratio
-1 - step / FWHM (FWHM measured on the probe's intensity profile), Fermat spiral, or jittered
-raster. Noise: equations (6)-(8) with negatives clipped. Ground truth travels with the data.
+rings and real phase structure, or (`probe = "zone_plate"`) a real zone plate's beam at a
+given distance from its focus (pipeline.optics), as nanoprobe beamlines use it. Scans: raster
+with step set by the overlap ratio 1 - step / width (the focus' intensity FWHM, or the diameter
+holding 90 % of a defocused beam's intensity), Fermat spiral, or jittered raster. Noise:
+equations (6)-(8) with negatives clipped, or `counts`: Poisson photon counts of the given dose,
+stored as integers as a photon-counting detector writes them. Ground truth travels with the
+data. `export_raw_hdf5` writes a scan the way a beamline file holds it (zero
+frequency in the frame corner, positions in pixels) to exercise `ptyinr ingest`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from skimage import data as skdata
 from skimage.transform import resize
 
 from pipeline.geometry import energy_ev_to_wavelength_m, object_pixel_size_m
+from pipeline.optics import beam_diameter_px, probe_fwhm_px, zone_plate_probe
 
 GOLDEN_ANGLE = np.pi * (3.0 - np.sqrt(5.0))
 
@@ -33,12 +39,25 @@ class SimulationConfig(BaseModel):
     overlap: float = Field(0.4, lt=1.0, description="1 - step / probe FWHM (negative: gaps)")
     scan: Literal["raster", "spiral", "jitter"] = "raster"
     jitter: float = Field(0.25, ge=0, le=1, description="jitter, fraction of the step")
-    noise: Literal["clean", "poisson", "gaussian", "mixed"] = "clean"
+    noise: Literal["clean", "poisson", "gaussian", "mixed", "counts"] = Field(
+        "clean",
+        description="clean; poisson/gaussian/mixed: the paper's eqs (6)-(8); counts: Poisson "
+        "photon counts of `photons_per_frame` per clear frame, stored as integers",
+    )
     alpha: float = Field(10.0, gt=0, description="Poisson photon-count scale, eq. (6)")
     sigma: float = Field(100.0, ge=0, description="Gaussian noise sigma, eq. (7)")
     photons_per_frame: float = Field(1e9, gt=0, description="total counts of a clear frame")
+    probe: Literal["focus", "zone_plate"] = Field(
+        "focus",
+        description="focus: the paper's annular focus of `focus_fwhm_px`; zone_plate: a zone "
+        "plate's beam `defocus_m` from its focus (pipeline.optics)",
+    )
     focus_fwhm_px: float = Field(5.0, gt=1, description="design focal-spot FWHM in pixels")
     defocus_waves: float = Field(0.5, description="defocus phase at the pupil edge, in waves")
+    zone_plate_diameter_m: float = Field(160e-6, gt=0)
+    outer_zone_width_m: float = Field(50e-9, gt=0)
+    central_stop_diameter_m: float = Field(60e-6, ge=0)
+    defocus_m: float = Field(0.0, description="sample distance downstream of the focus")
     energy_ev: float = Field(15000.0, gt=0)
     detector_distance_m: float = Field(1.2, gt=0)
     detector_pixel_size_m: float = Field(75e-6, gt=0)
@@ -70,6 +89,28 @@ def make_object(config: SimulationConfig) -> np.ndarray:
 
 
 def make_probe(config: SimulationConfig) -> np.ndarray:
+    """The simulation's probe (max amplitude 1): the paper's focus or a zone plate's beam."""
+    if config.probe == "zone_plate":
+        wavelength = energy_ev_to_wavelength_m(config.energy_ev)
+        pixel = object_pixel_size_m(
+            wavelength,
+            config.detector_distance_m,
+            config.detector_pixel_size_m,
+            (config.probe_size, config.probe_size),
+        )
+        return zone_plate_probe(
+            (config.probe_size, config.probe_size),
+            wavelength_m=wavelength,
+            pixel_size_m=pixel,
+            diameter_m=config.zone_plate_diameter_m,
+            outer_zone_width_m=config.outer_zone_width_m,
+            central_stop_diameter_m=config.central_stop_diameter_m,
+            defocus_m=config.defocus_m,
+        )
+    return annular_focus_probe(config)
+
+
+def annular_focus_probe(config: SimulationConfig) -> np.ndarray:
     """Zone-plate-like probe: focus of an annular pupil with central stop and small defocus.
 
     The pupil radius sets the focal spot (an Airy-like core of ~`focus_fwhm_px`), the central
@@ -85,35 +126,6 @@ def make_probe(config: SimulationConfig) -> np.ndarray:
     defocus = np.exp(1j * 2 * np.pi * config.defocus_waves * (rho / outer) ** 2)
     field = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil * defocus)))
     return (field / np.abs(field).max()).astype(np.complex64)
-
-
-def probe_fwhm_px(probe: np.ndarray) -> float:
-    """FWHM (pixels) of the probe's intensity profile through its peak, mean of y and x."""
-    intensity = np.abs(probe) ** 2
-    iy, ix = np.unravel_index(np.argmax(intensity), intensity.shape)
-    widths = []
-    for profile in (intensity[:, ix], intensity[iy, :]):
-        peak = int(np.argmax(profile))
-        half = profile[peak] / 2.0
-        left = peak
-        while left > 0 and profile[left - 1] > half:
-            left -= 1
-        right = peak
-        while right < len(profile) - 1 and profile[right + 1] > half:
-            right += 1
-        # linear interpolation of the half-maximum crossings
-        lx = (
-            left - (profile[left] - half) / max(profile[left] - profile[left - 1], 1e-30)
-            if left > 0
-            else left
-        )
-        rx = (
-            right + (profile[right] - half) / max(profile[right] - profile[right + 1], 1e-30)
-            if right < len(profile) - 1
-            else right
-        )
-        widths.append(rx - lx)
-    return float(np.mean(widths))
 
 
 def scan_positions(
@@ -167,6 +179,8 @@ def add_noise(clean: np.ndarray, config: SimulationConfig, rng: np.random.Genera
     """Equations (6)-(8): Poisson with alpha, Gaussian with sigma, mixed; negatives clipped."""
     if config.noise == "clean":
         return clean
+    if config.noise == "counts":
+        return rng.poisson(np.clip(clean, 0, None)).astype(np.uint32)
     noisy = clean.astype(np.float64)
     if config.noise in ("poisson", "mixed"):
         peak = float(clean.max())
@@ -182,7 +196,10 @@ def simulate_scan(config: SimulationConfig) -> dict[str, object]:
     obj = make_object(config)
     probe = make_probe(config)
     fwhm = probe_fwhm_px(probe)
-    positions = scan_positions(config, fwhm, rng)
+    # overlap is measured against the probe's width: the focal spot's FWHM, or for a
+    # ring-structured defocused beam the diameter holding 90 % of its intensity
+    width = beam_diameter_px(probe) if config.probe == "zone_plate" else fwhm
+    positions = scan_positions(config, width, rng)
     clean = clean_intensities(obj, probe, positions)
     # Scale so that a clear (amplitude-1) frame holds `photons_per_frame` counts.
     scale = config.photons_per_frame / float(np.sum(np.abs(probe) ** 2))
@@ -199,6 +216,7 @@ def simulate_scan(config: SimulationConfig) -> dict[str, object]:
         "positions_px": positions,
         "intensities": intensities,
         "fwhm_px": fwhm,
+        "width_px": width,
         "wavelength_m": wavelength,
         "pixel_size_m": pixel,
     }
@@ -241,6 +259,7 @@ def write_simulated_store(
         "source": "ptyinr simulate",
         "simulation": config.model_dump_json(),
         "probe_fwhm_px": float(sim["fwhm_px"]),  # type: ignore[arg-type]
+        "probe_width_px": float(sim["width_px"]),  # type: ignore[arg-type]
     }
     return store.create_scan_store(
         path,
@@ -250,3 +269,27 @@ def write_simulated_store(
         extra_vars={"true_object": true_object, "true_probe": true_probe},
         overwrite=overwrite,
     )
+
+
+def export_raw_hdf5(path: str | Path, config: SimulationConfig) -> Path:
+    """Write a simulated scan as a beamline file holds it, for `ptyinr ingest`: frames with the
+    zero frequency in the corner (`/entry/data/data`, detector counts), positions in object
+    pixels (`/entry/positions`, (y, x)), energy and detector geometry as scalars under
+    `/entry/instrument`. Returns the path."""
+    import h5py
+
+    sim = simulate_scan(config)
+    frames = np.fft.ifftshift(np.asarray(sim["intensities"]), axes=(-2, -1))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("entry/data/data", data=frames, chunks=(1, *frames.shape[1:]))
+        f.create_dataset("entry/positions", data=np.asarray(sim["positions_px"]))
+        f["entry/positions"].attrs["units"] = "px"
+        f.create_dataset("entry/instrument/energy_ev", data=config.energy_ev)
+        f.create_dataset("entry/instrument/detector_distance_m", data=config.detector_distance_m)
+        f.create_dataset(
+            "entry/instrument/detector_pixel_size_m", data=config.detector_pixel_size_m
+        )
+    tmp.replace(path)
+    return path

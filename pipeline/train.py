@@ -28,16 +28,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch.nn import functional
 
 from pipeline import __version__, fastpaths, memory
-from pipeline.config import ReconstructionConfig
+from pipeline.batching import epoch_batches, random_batches
+from pipeline.config import ReconstructionConfig, TrainConfig
 from pipeline.errors import InputError, ReconstructionFailed
 from pipeline.models.fields import (
     ObjectField,
     ProbeField,
     build_object_field,
     build_probe_field,
-    probe_guess_from_patterns,
 )
 from pipeline.physics import ScanGeometry, far_field_intensity, fourier_shift
+from pipeline.probe_guess import ProbeStart, TrialData, choose_probe_start, compact_patch
 
 if TYPE_CHECKING:
     from pipeline.parallel import ParallelContext
@@ -52,12 +53,17 @@ class ScanData:
     intensities: (n, Ny, Nx) counts, zero frequency centred. positions_px: (n, 2) (y, x) window
     centres in object pixels of the store's frame. bad_pixels: (Ny, Nx) True where the detector
     is not to be trusted. pixel_size: object pixel size (y, x) in metres, or None (pixel units).
+    wavelength and detector geometry: from the store where it has them (the optics probe start
+    needs them).
     """
 
     intensities: np.ndarray
     positions_px: np.ndarray
     bad_pixels: np.ndarray | None = None
     pixel_size: tuple[float, float] | None = None
+    wavelength_m: float | None = None
+    detector_distance_m: float | None = None
+    detector_pixel_size_m: float | None = None
 
     def __post_init__(self) -> None:
         if self.intensities.ndim != 3:
@@ -86,6 +92,9 @@ class ScanData:
             positions_px=self.positions_px[indices],
             bad_pixels=self.bad_pixels,
             pixel_size=self.pixel_size,
+            wavelength_m=self.wavelength_m,
+            detector_distance_m=self.detector_distance_m,
+            detector_pixel_size_m=self.detector_pixel_size_m,
         )
 
 
@@ -120,9 +129,7 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarr
     if batch_size <= 0 or batch_size >= n:
         yield np.arange(n)
         return
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    for start in range(0, n, batch_size):
-        yield np.sort(order[start : start + batch_size])
+    yield from random_batches(n, batch_size, seed, epoch)
 
 
 def smooth_l1_amplitude_loss(
@@ -140,6 +147,19 @@ def smooth_l1_amplitude_loss(
         return per_pixel.mean()
     weights = valid.to(per_pixel.dtype)
     return (per_pixel * weights).sum() / (weights.sum() * per_pixel.shape[0])
+
+
+def learning_rate_factor(train: TrainConfig, step: int, total_steps: int) -> float:
+    """Share of the configured learning rates at `step` (1-based) of `total_steps`: linear
+    warm-up, then cosine decay to `train.lr_final` (train.lr_schedule = "cosine"), or 1.
+    A function of the step alone, so a resumed run continues the same schedule."""
+    if train.lr_schedule == "constant":
+        return 1.0
+    warmup = train.lr_warmup * total_steps
+    if step <= warmup:
+        return max(step / warmup, 1e-3)
+    progress = min((step - warmup) / max(total_steps - warmup, 1.0), 1.0)
+    return train.lr_final + (1.0 - train.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -210,12 +230,22 @@ class Trainer:
         )
         self.use_subpixel = bool(np.abs(self.geometry.subpixel).max(initial=0.0) > 1e-6)
 
-        initial_probe = None
-        if known_probe is None and config.model.probe_init == "data":
-            mean = intensities.mean(axis=0) if intensities is not None else None
-            initial_probe = probe_guess_from_patterns(
-                mean if mean is not None else self.stream.mean_pattern  # type: ignore[union-attr]
+        self.batch_size = train.batch_size_for(self.geometry.n_positions)
+        self._centres = self.geometry.window_centres_on_grid()
+        self.probe_start = ProbeStart(None, {"method": "known"})
+        if known_probe is None:
+            self.probe_start = choose_probe_start(
+                config,
+                data.frame_shape,
+                lambda: intensities.mean(axis=0)
+                if intensities is not None
+                else self.stream.mean_pattern,  # type: ignore[union-attr]
+                self._trial_data,
+                wavelength_m=data.wavelength_m,
+                pixel_size_m=data.pixel_size,
+                detector=(data.detector_distance_m, data.detector_pixel_size_m),
             )
+        initial_probe = self.probe_start.probe
         self.object: ObjectField = build_object_field(self.geometry.object_shape, config.model).to(
             self.device
         )
@@ -223,7 +253,8 @@ class Trainer:
             data.frame_shape, config.model, known_probe=known_probe, initial_probe=initial_probe
         ).to(self.device)
         if self.probe.kind == "hashgrid" and initial_probe is not None:
-            self.probe.fit_to(initial_probe, steps=config.model.probe_init_steps)
+            error = self.probe.fit_to(initial_probe, steps=config.model.probe_init_steps)
+            self.probe_start.record["warm_start_error"] = float(error)
         self._initialise_probe_scale()
         object_params = list(self.object.parameters())
         probe_params = [p for n, p in self.probe.named_parameters() if n != "log_scale"]
@@ -233,7 +264,11 @@ class Trainer:
         ]
         if probe_params:
             groups.append({"params": probe_params, "lr": train.lr_probe})
+        for group in groups:
+            group["base_lr"] = group["lr"]
         self.optimizer = torch.optim.Adam(groups)
+        n = self.geometry.n_positions
+        self.steps_per_epoch = 1 if self.batch_size <= 0 else math.ceil(n / self.batch_size)
         self._parameters = [p for group in groups for p in group["params"]]
         # what performance.precision = auto becomes here, also for the run's record
         self.precision = fastpaths.resolve_precision(config, self.device, self.geometry.n_positions)
@@ -250,6 +285,17 @@ class Trainer:
         self._full_union: torch.Tensor | None = None
 
     # -- model pieces --------------------------------------------------------------------------
+
+    def _trial_data(self) -> TrialData:
+        """A compact patch of the scan for the data-derived probe start's trial fits."""
+        patch = compact_patch(self.data.positions_px)
+        geometry = ScanGeometry.from_positions(
+            self.data.positions_px[patch],
+            self.data.frame_shape,
+            round_positions=self.config.train.positions == "round",
+        )
+        amplitudes = self._measured(torch.as_tensor(patch, device=self.device), patch)
+        return TrialData(amplitudes.float(), geometry, self.valid)
 
     def _window_indices(self, batch: torch.Tensor) -> torch.Tensor:
         ny, nx = self.geometry.window_shape
@@ -408,6 +454,11 @@ class Trainer:
         if self.parallel is not None:  # sum gradients and loss over ranks
             value = self.parallel.all_reduce(self._parameters, data_loss)
             self._check_finite(value)
+        factor = learning_rate_factor(
+            train, self.step, train.epochs * self.steps_per_epoch
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
         self.optimizer.step()
         return value
 
@@ -420,10 +471,11 @@ class Trainer:
 
     def run_epoch(self) -> float:
         train = self.config.train
-        n = self.geometry.n_positions
-        full = train.batch_size <= 0 or train.batch_size >= n
+        full = self.batch_size <= 0
         losses, weights = [], []
-        schedule = list(batches(n, train.batch_size, train.seed, self.epoch))
+        schedule = list(
+            epoch_batches(self._centres, self.batch_size, train.batches, train.seed, self.epoch)
+        )
         if self.stream is not None:  # read the epoch's frames ahead
             self.stream.expect(
                 [b if self.parallel is None else self.parallel.shard(b)[0] for b in schedule]
@@ -560,6 +612,8 @@ class Trainer:
             "frame_chunk": self.runtime.frame_chunk,
             "object_precision": self.precision,
             "streamed_frames": self.stream is not None,
+            "batch_size": int(self.batch_size),
+            "probe_start": self.probe_start.record,
             "versions": {"ptyinr": __version__, "torch": torch.__version__},
         }
         return Reconstruction(object_da, probe_da, loss_da, self.geometry, info)

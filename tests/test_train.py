@@ -24,7 +24,13 @@ from pipeline.physics import ScanGeometry
 from pipeline.simulate import SimulationConfig, simulate_scan
 from pipeline.train import Reconstruction, ScanData, Trainer, batches, reconstruct
 
-TINY = [*TINY_MODEL, "model.probe_init_steps=50", "train.device=cpu"]
+# a constant learning rate: these tests check exact convergence at rates they choose
+TINY = [
+    *TINY_MODEL,
+    "model.probe_init_steps=50",
+    "train.device=cpu",
+    "train.lr_schedule=constant",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,7 +142,8 @@ def test_batches_cover_every_position_once_per_epoch():
 
 def test_mini_batch_mode(sim):
     cfg = config(
-        "model.object=pixels", "train.epochs=15", "train.batch_size=50", "train.lr_object=1e-2"
+        "model.object=pixels", "train.epochs=15", "train.batch_size=50", "train.lr_object=1e-2",
+        "train.batches=random",
     )
     result = reconstruct(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
     n = len(sim["positions_px"])

@@ -1,0 +1,79 @@
+"""Which scan positions each optimisation step sees.
+
+Full batch (every position every step) is the paper's default and the best use of one step's
+object evaluation on small scans. On large scans it leaves too few steps per epoch and too much
+memory per step, so `train.batch_size = "auto"` switches to mini-batches beyond
+`train.auto_batch_above` positions. Mini-batches are spatially local by default: a batch of
+neighbouring positions covers a compact patch of the object, so the object networks, which
+cost per object pixel, evaluate only that patch instead of nearly the whole field (as a random
+batch of wide windows does). The tiling is shifted and the batch order shuffled every epoch, so
+no boundary stays fixed, and everything follows from (seed, epoch) alone: a resumed run takes
+the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+AUTO_BATCH_POSITIONS = 64  # positions per local batch when batch_size = "auto" picks batches
+
+
+def resolve_batch_size(batch_size: int | str, auto_batch_above: int, n_positions: int) -> int:
+    """Positions per step (0 = full batch) that `train.batch_size` means for this scan."""
+    if batch_size == "auto":
+        return 0 if n_positions <= auto_batch_above else AUTO_BATCH_POSITIONS
+    size = int(batch_size)
+    return 0 if size >= n_positions else size
+
+
+def is_full_batch(batch_size: int) -> bool:
+    return batch_size <= 0
+
+
+def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
+    """A seeded shuffle cut into batches (sorted indices)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    for start in range(0, n, batch_size):
+        yield np.sort(order[start : start + batch_size])
+
+
+def local_batches(
+    positions_px: np.ndarray, batch_size: int, seed: int, epoch: int
+) -> Iterator[np.ndarray]:
+    """Batches of neighbouring positions: the scan is cut into horizontal strips about
+    sqrt(batch_size) positions high (offset at random each epoch), positions are ordered along
+    a serpentine through the strips, and consecutive runs of `batch_size` form the batches
+    (roughly square patches of the scan), yielded in a seeded random order."""
+    positions = np.asarray(positions_px, dtype=np.float64)
+    n = len(positions)
+    rng = np.random.default_rng([seed, epoch, 1])
+    low, high = positions.min(axis=0), positions.max(axis=0)
+    extent = np.maximum(high - low, 1e-9)
+    spacing = math.sqrt(float(extent[0] * extent[1]) / n) if n > 1 else 1.0
+    if extent[0] < 1e-6 or extent[1] < 1e-6:  # a line scan: order along it
+        spacing = float(max(extent)) / max(n - 1, 1)
+    strip = max(math.sqrt(batch_size) * spacing, 1e-9)
+    offset = rng.uniform(0, strip)
+    row = np.floor((positions[:, 0] - low[0] + offset) / strip).astype(np.int64)
+    x = positions[:, 1] - low[1]
+    serpentine = np.where(row % 2 == 0, x, -x)
+    order = np.lexsort((serpentine, row))
+    groups = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    for index in rng.permutation(len(groups)):
+        yield np.sort(groups[index])
+
+
+def epoch_batches(
+    positions_px: np.ndarray, batch_size: int, kind: str, seed: int, epoch: int
+) -> Iterator[np.ndarray]:
+    """Position indices of each step of one epoch (batch_size already resolved)."""
+    n = len(positions_px)
+    if is_full_batch(batch_size) or batch_size >= n:
+        yield np.arange(n)
+    elif kind == "local":
+        yield from local_batches(positions_px, batch_size, seed, epoch)
+    else:
+        yield from random_batches(n, batch_size, seed, epoch)
