@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError, InputError, ReconstructionFailed
 from pipeline.parallel import choose_ranks
 from pipeline.plan import check_plan, parse_device_memory
 from pipeline.reconstruct import load_probe_file, load_scan, reconstruct_store
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from pipeline.simulate import SimulationConfig, export_raw_hdf5, write_simulated_store
 
 DEMO_PRESET = "demo"
 
@@ -66,8 +66,17 @@ def simulate(
     sigma: Annotated[float | None, typer.Option(help="Gaussian sigma, eq. (7)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
+    raw: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE.h5",
+            help="also write the scan as a beamline file holds it (corner DC, pixel "
+            "positions, geometry under /entry/instrument), to try `ptyinr ingest` on",
+        ),
+    ] = None,
 ) -> None:
-    """Simulate a scan (paper protocol) into a scan store with its ground truth."""
+    """Simulate a scan (paper protocol, or a preset such as measured-like) into a scan store
+    with its ground truth."""
     with user_errors():
         config = _simulation_config(
             preset,
@@ -82,13 +91,24 @@ def simulate(
         )
         if out.exists() and not overwrite:
             raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+        if raw is not None and raw.exists() and not overwrite:
+            raise InputError(f"{raw}: already exists; pass --overwrite to replace it")
         path = write_simulated_store(out, config, overwrite=overwrite)
+        if raw is not None:
+            export_raw_hdf5(raw, config)
         ds = store.open_scan_store(path)
     console.print(
         f"wrote [bold]{path}[/]: {ds.sizes['scan']} frames of "
         f"{ds.sizes['det_y']} x {ds.sizes['det_x']}, probe FWHM "
         f"{ds.attrs['probe_fwhm_px']:.2f} px, overlap {config.overlap:g}, noise {config.noise}"
     )
+    if raw is not None:
+        console.print(
+            f"wrote [bold]{raw}[/]: ingest it with `ptyinr ingest {raw} OUT.zarr "
+            "--dc auto --positions-unit px --key energy_ev=/entry/instrument/energy_ev "
+            "--key detector_distance_m=/entry/instrument/detector_distance_m "
+            "--key detector_pixel_size_m=/entry/instrument/detector_pixel_size_m`"
+        )
 
 
 def _quality_table(scores: dict[str, float], title: str) -> Table:

@@ -126,6 +126,55 @@ def test_optics_start_is_the_simulated_probe(defocused_store: Path) -> None:
     assert trainer.probe_start.record["method"] == "optics"
 
 
+def test_beamline_file_ingests_and_starts_from_optics(tmp_path: Path) -> None:
+    """The simulator's raw export (corner DC, pixel positions) goes through `ptyinr ingest`
+    to the same frames, and the optics start works on a store with pixel positions (energy
+    and detector geometry from the file)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    raw, out = tmp_path / "raw.h5", tmp_path / "ingested.zarr"
+    ref = tmp_path / "ref.zarr"
+    runner = CliRunner()
+    cfg_path = tmp_path / "sim.toml"
+    cfg_path.write_text(
+        "[simulate]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in TINY.items()) + "\n"
+    )
+    done = runner.invoke(
+        app, ["simulate", str(ref), "--preset", str(cfg_path), "--raw", str(raw)]
+    )
+    assert done.exit_code == 0, done.output
+    keys = [
+        "--key", "energy_ev=/entry/instrument/energy_ev",
+        "--key", "detector_distance_m=/entry/instrument/detector_distance_m",
+        "--key", "detector_pixel_size_m=/entry/instrument/detector_pixel_size_m",
+    ]
+    done = runner.invoke(
+        app, ["ingest", str(raw), str(out), "--dc", "auto", "--positions-unit", "px", *keys]
+    )
+    assert done.exit_code == 0, done.output
+    from pipeline import store
+
+    ingested, reference = store.open_scan_store(out), store.open_scan_store(ref)
+    np.testing.assert_array_equal(
+        ingested["intensities"].values, reference["intensities"].values
+    )  # the corner DC was found and moved to the centre
+    assert ingested.attrs["positions_unit"] == "px"
+    cfg = load_config(None, [*SMALL_MODEL, *PROBE_SECTION, "model.probe=pixels"])
+    trainer = Trainer(load_scan(out, cfg).data, cfg)
+    truth = reference["true_probe"].values
+    assert evaluate.compare_probe(trainer.probe_start.probe, truth)["probe_relative_error"] < 0.02
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return repr(value)
+
+
 @pytest.mark.slow
 def test_refined_probe_guess_moves_toward_the_truth(defocused_store: Path, tmp_path: Path) -> None:
     """A guess of the wrong size (the beam at 60 % of its defocus), given as a file, is refined
@@ -146,13 +195,13 @@ def test_refined_probe_guess_moves_toward_the_truth(defocused_store: Path, tmp_p
     cfg = load_config(
         None,
         [*SMALL_MODEL, "model.probe=pixels", "model.probe_init=file", f"probe.guess={guess}",
-         "train.epochs=40", "train.lr_object=2e-3", "train.lr_probe=2e-3"],
+         "train.epochs=80", "train.lr_object=2e-3", "train.lr_probe=1e-2"],
     )
     trainer = Trainer(loaded.data, cfg)
     result = trainer.fit(progress=False)
     before = evaluate.compare_probe(wrong, truth)["probe_relative_error"]
     after = evaluate.compare_probe(result.probe.values, truth)["probe_relative_error"]
-    assert after < 0.7 * before
+    assert after < 0.5 * before, (before, after)  # measured 0.44 -> 0.12
     assert result.info["probe_start"]["method"] == "file"
 
 
