@@ -50,6 +50,7 @@ from pipeline.errors import InputError
 
 GIB = 1024**3
 MIB = 1024**2
+LONG_RUN_SECONDS = 3600.0  # --plan warns when one reconstruction's epochs take longer
 
 # bytes per parameter: value, gradient, Adam exp_avg and exp_avg_sq, one foreach temporary
 PARAMETER_BYTES = 20
@@ -643,6 +644,26 @@ class Plan:
     precision: str = ""  # resolved object-network precision, when the time was estimated
     # seconds per epoch at the other precisions, when the device multiplies bf16 natively
     alternatives: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0  # train.epochs, for the whole run's time
+
+    @property
+    def run_seconds(self) -> float | None:
+        """Estimated training time of all epochs (None when time was not estimated)."""
+        if not self.time or not self.epochs:
+            return None
+        return self.time["epoch"] * self.epochs
+
+    def warnings(self) -> list[str]:
+        """What a user should know before starting: a run that will take hours."""
+        total = self.run_seconds
+        if total is None or total < LONG_RUN_SECONDS:
+            return []
+        return [
+            f"warning: {self.epochs} epochs will take about {total / 3600:.1f} h on this "
+            f"{self.device} (one reconstruction; `ptyinr run` adds two half-scan ones for the "
+            "FRC); fewer epochs (train.epochs), narrower SIRENs (model.siren_width), "
+            "mini-batches (train.batch_size) or a GPU node (--cluster slurm:PROFILE) shorten it"
+        ]
 
     @property
     def fits(self) -> bool:
@@ -675,6 +696,11 @@ class Plan:
             out.append(
                 f"estimated time: {self.time['step']:.3g} s per step ({parts}); "
                 f"{self.time['epoch']:.3g} s per epoch"
+                + (
+                    f"; {_duration(self.run_seconds)} for {self.epochs} epochs"
+                    if self.run_seconds is not None
+                    else ""
+                )
             )
         if self.alternatives:
             other = ", ".join(f"{k} {v:.3g} s" for k, v in self.alternatives.items())
@@ -686,6 +712,14 @@ class Plan:
 
     def memory_fraction_text(self) -> str:
         return f"{_size(self.memory.available)} free"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
 
 
 def _size(n: float) -> str:
@@ -724,7 +758,9 @@ def make_plan(
         times = estimate_time(wl, config, rates, mem.tile_pixels, precision)
         if precision == "fp32":
             alternatives = _faster_precisions(wl, config, rates, mem.tile_pixels, device_type)
-    return Plan(device_type, wl, mem, times, rates or {}, precision, alternatives)
+    return Plan(
+        device_type, wl, mem, times, rates or {}, precision, alternatives, config.train.epochs
+    )
 
 
 def _faster_precisions(
@@ -845,6 +881,8 @@ def check_plan(
             echo(line)
         if target:
             echo("time per epoch: not estimated (it is measured on the device itself)")
+        for line in plan.warnings():
+            echo(line)
     refuse_unless_fits(plan, str(path))
     return plan
 

@@ -278,9 +278,31 @@ def test_plan_offers_the_bfloat16_modes_where_they_are_native(
     assert any("performance.precision = bf16-backward" in line for line in offered.lines())
     full_batch = make(True, "train.batch_size=0")
     assert full_batch.precision == "fp32" and full_batch.alternatives
-    chosen = make(True)  # auto: mini-batches of a 512-wide SIREN
+    chosen = make(True)  # auto: mini-batches of a 256-wide SIREN
     assert chosen.precision == "bf16" and chosen.alternatives == {}
     assert chosen.time["epoch"] < fp32_epoch
     assert make(False).precision == "fp32" and make(False).alternatives == {}
     assert make(True, "performance.precision=bf16").alternatives == {}
     assert make(True, "performance.precision=fp32", "model.object=hashgrid").alternatives == {}
+
+
+def test_plan_warns_when_the_epochs_take_hours() -> None:
+    """The whole run's time follows from the epoch estimate; beyond an hour --plan warns and
+    names what shortens it."""
+    axis = np.arange(12) * 4.0 + 16.25
+    positions = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    geometry = ScanGeometry.from_positions(positions, (32, 32))
+    rates = {"gemm_fp32": 3e11, "gemm_bf16": 2e12, "elementwise": 4e9, "fft": 2e10}
+
+    def make(epochs: int) -> plan.Plan:
+        cfg = load_config(overrides=[f"train.epochs={epochs}", "performance.precision=fp32"])
+        return plan.make_plan(geometry, cfg, rates=rates, available=8 * plan.GIB)
+
+    short = make(10)
+    assert short.run_seconds == pytest.approx(10 * short.time["epoch"])
+    assert short.warnings() == []
+    epochs_per_hour = plan.LONG_RUN_SECONDS / short.time["epoch"]
+    long = make(int(2 * epochs_per_hour) + 1)
+    (warning,) = long.warnings()
+    assert "train.epochs" in warning and " h " in warning
+    assert any("for" in line and "epochs" in line for line in long.lines())
