@@ -102,6 +102,25 @@ def test_data_start_finds_the_beam_size_of_a_defocused_probe() -> None:
     assert error_reduction_loss(true_probe, trial, 12) < error_reduction_loss(focused, trial, 12)
 
 
+def test_sparse_scan_starts_focused() -> None:
+    """Without overlap the trial fits cannot tell beam sizes apart (a free object explains
+    any probe): the start stays the focused one and the record says why."""
+    sim = simulate_scan(SimulationConfig(object_size=96, probe_size=32, overlap=-5.0))
+    intensities = np.asarray(sim["intensities"], np.float32)
+    positions = np.asarray(sim["positions_px"])
+    from pipeline.physics import ScanGeometry
+
+    patch = compact_patch(positions, 32)
+    trial = TrialData(
+        torch.as_tensor(np.sqrt(intensities[patch] / intensities.max())),
+        ScanGeometry.from_positions(positions[patch], (32, 32)),
+        None,
+    )
+    start = probe_from_data(intensities.mean(axis=0), trial)
+    assert start.record["defocus_search"] is False
+    assert "overlap" in start.record["focused_because"]
+
+
 def test_optics_start_needs_its_geometry(defocused_store: Path) -> None:
     cfg = load_config(None, [*SMALL_MODEL, "model.probe_init=optics"])
     loaded = load_scan(defocused_store, cfg)
