@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -253,7 +254,11 @@ class Trainer:
             data.frame_shape, config.model, known_probe=known_probe, initial_probe=initial_probe
         ).to(self.device)
         if self.probe.kind == "hashgrid" and initial_probe is not None:
-            error = self.probe.fit_to(initial_probe, steps=config.model.probe_init_steps)
+            error = self.probe.fit_to(
+                initial_probe,
+                steps=config.model.probe_init_steps,
+                progress=sys.stderr.isatty(),  # a transient bar where someone watches
+            )
             self.probe_start.record["warm_start_error"] = float(error)
         self._initialise_probe_scale()
         object_params = list(self.object.parameters())
