@@ -61,7 +61,7 @@ class TrainConfig(_Section):
     """Optimisation: loss of equation (2), Adam, batches, reproducibility, checkpoints."""
 
     epochs: int = Field(
-        50,
+        30,
         ge=1,
         description="passes over all scan positions (the paper's runs: 300 epochs of "
         "mini-batches, or thousands of full-batch steps)",

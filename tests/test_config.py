@@ -33,7 +33,7 @@ PAPER_CASES = [
 def test_defaults_are_the_papers_method():
     """Methods: SIREN 3 hidden layers (omega 30) object, hash grid 16 x 2 x 2^15 (16, 1.5)
     probe, ReLU MLP 2 x 64, SmoothL1 with beta in [1e-4, 1e-1]; the documented departures
-    (width 256, Adam 5e-4 with warm-up and cosine decay, 50 epochs, local mini-batches beyond
+    (width 256, Adam 5e-4 with warm-up and cosine decay, 30 epochs, local mini-batches beyond
     1024 positions) are what made measured-like scans converge in minutes; the paper-*
     presets restore the paper's values."""
     cfg = ReconstructionConfig()
