@@ -113,6 +113,8 @@ def run_case(scan: Path, name: str, args: list[str]) -> dict[str, object]:
         if frequency is not None and pixel is not None
         else None
     )
+    if attrs.get("resolved_to_nyquist"):
+        fraction = 1.0  # above the half-bit threshold up to Nyquist: resolved to the pixel
     return {
         "case": name,
         "command": " ".join(command),

@@ -184,8 +184,8 @@ def probe_from_data(
 
     best = min(diameters, key=score)
     if best > 0:  # refine between the neighbouring candidates, then the defocus' sign
-        step = math.sqrt(SIZE_RATIO)
-        best = min((best / step, best, best * step), key=score)
+        half_ratio = math.sqrt(SIZE_RATIO)
+        best = min((best / half_ratio, best, best * half_ratio), key=score)
         sign = -1.0 if score(best, -1.0) < score(best, 1.0) else 1.0
     else:
         sign = 1.0
