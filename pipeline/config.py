@@ -12,7 +12,7 @@ import json
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -66,7 +66,7 @@ class TrainConfig(_Section):
         description="passes over all scan positions (the paper's runs: 300 epochs of "
         "mini-batches, or thousands of full-batch steps)",
     )
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="positions per step; 0 = full batch; auto: full batch up to "
         "`auto_batch_above` positions, beyond that spatially local mini-batches of about "
@@ -219,7 +219,10 @@ class ReconstructionConfig(_Section):
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    # a union's member tags (`constrained-int`, `literal['auto']`) are not config keys
+    key = ".".join(
+        str(p) for p in first["loc"] if not str(p).startswith(("constrained-", "literal["))
+    )
     value = first.get("input")
     if first["type"] == "extra_forbidden":
         section = ".".join(str(p) for p in first["loc"][:-1])
