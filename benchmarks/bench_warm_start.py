@@ -9,7 +9,7 @@ Targets, `--size` x `--size` (default 128), max amplitude 1: an annular pupil (o
 0.514 / 3 cycles per pixel, a 3 px focus; central stop at 0.35 of it) with a quadratic
 phase exp(-i pi c (fy^2 + fx^2)), inverse FFT, fftshift; "defocused" c = 250 (a ~85 px wide
 beam whose phase wraps several times), "focused" c = 0 (an Airy-like core with weak rings
-and pi phase jumps between them, like probe_guess_from_patterns' output).
+and pi phase jumps between them, like a focused start's inverse FFT of the mean pattern).
 
 "old" is the previous code, reproduced here: the generic hash-grid forward (corner indices
 and hashes recomputed on every call, gather by advanced indexing), Adam (not fused) at

@@ -396,14 +396,3 @@ def build_probe_field(
         rng = np.random.default_rng(0)
         initial_probe = rng.uniform(0, 1, shape) * np.exp(1j * rng.uniform(0, 1, shape))
     return ProbeField(shape, config.probe, config, initial=initial_probe)
-
-
-def probe_guess_from_patterns(mean_intensity: np.ndarray) -> np.ndarray:
-    """A focused starting probe: inverse FFT of the mean diffraction amplitude, zero phase.
-
-    If the object were transparent, |FFT(P)|^2 would equal the mean pattern; taking its
-    amplitude with flat phase gives a compact, centred probe of the right size.
-    """
-    amplitude = np.sqrt(np.clip(mean_intensity, 0, None)).astype(np.float64)
-    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(amplitude), norm="ortho"))
-    return probe.astype(np.complex64)
