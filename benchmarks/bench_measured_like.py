@@ -37,10 +37,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import optics, store  # noqa: E402
+from pipeline import store  # noqa: E402
 from pipeline.config import read_toml  # noqa: E402
-from pipeline.geometry import energy_ev_to_wavelength_m, object_pixel_size_m  # noqa: E402
-from pipeline.simulate import SimulationConfig, write_simulated_store  # noqa: E402
+from pipeline.simulate import (  # noqa: E402
+    SimulationConfig,
+    make_probe,
+    write_simulated_store,
+)
 
 PRESET = "measured-like"
 
@@ -56,21 +59,9 @@ def optics_overrides(sim: SimulationConfig, defocus_factor: float = 1.0) -> list
 
 
 def analytic_guess(sim: SimulationConfig, path: Path, defocus_factor: float) -> Path:
-    """A beamline's analytic zone-plate guess, `defocus_factor` x the true defocus."""
-    wavelength = energy_ev_to_wavelength_m(sim.energy_ev)
-    shape = (sim.probe_size, sim.probe_size)
-    pixel = object_pixel_size_m(
-        wavelength, sim.detector_distance_m, sim.detector_pixel_size_m, shape
-    )
-    probe = optics.zone_plate_probe(
-        shape,
-        wavelength_m=wavelength,
-        pixel_size_m=pixel,
-        diameter_m=sim.zone_plate_diameter_m,
-        outer_zone_width_m=sim.outer_zone_width_m,
-        central_stop_diameter_m=sim.central_stop_diameter_m,
-        defocus_m=sim.defocus_m * defocus_factor,
-    )
+    """A beamline's analytic zone-plate guess, `defocus_factor` x the true defocus (the
+    simulator's own optics model, pipeline.simulate.make_probe)."""
+    probe = make_probe(sim.model_copy(update={"defocus_m": sim.defocus_m * defocus_factor}))
     np.save(path, probe)
     return path
 

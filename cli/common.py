@@ -49,21 +49,15 @@ def probe_guess_overrides(source: str | None) -> list[str]:
     if not source:
         return []
     import json
-    from pathlib import Path
 
-    text = str(source)
-    path_part, sep, rest = text, "", ""
-    for marker in (".zarr:", ":/"):
-        if marker in text:
-            head, _, tail = text.rpartition(marker)
-            path_part = head + marker.rstrip(":/").rstrip(":")
-            sep, rest = ":", (tail if marker == ".zarr:" else "/" + tail)
-            break
-    path = Path(path_part).expanduser()
+    from pipeline.probe_files import split_source
+
+    path, rest, _ = split_source(str(source))
+    path = path.expanduser()
     if not path.exists():
         raise InputError(
-            f"--probe-guess {text!r}: {path_part!r} not found; expected a .npy, .npz, HDF5/CXI "
-            "file (FILE:/dataset) or STORE.zarr:RUN"
+            f"--probe-guess {str(source)!r}: {str(path)!r} not found; expected a .npy, .npz, "
+            "HDF5/CXI file (FILE:/dataset) or STORE.zarr:RUN"
         )
-    resolved = str(path.resolve()) + sep + rest
+    resolved = str(path.resolve()) + rest
     return ["model.probe_init=file", f"probe.guess={json.dumps(resolved)}"]

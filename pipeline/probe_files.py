@@ -262,10 +262,28 @@ class _Raw(NamedTuple):
     pixel_size_m: tuple[float, float] | None
 
 
-def _read(source: str) -> _Raw:
-    """(raw array, source in canonical syntax, file pixel size or None) for any source."""
+def split_source(source: str) -> tuple[Path, str, str]:
+    """(file or store path, the rest, kind) of a probe source: kind "file" (rest ""),
+    "run" (rest ":RUN_ID") or "hdf5" (rest ":/dataset"); "unknown" when the syntax names
+    neither (rest ""). One parser for the reader and the command line's early checks."""
     path = Path(source)
     if path.is_file():
+        return path, "", "file"
+    if ":" in source:
+        left, run_id = source.rsplit(":", 1)
+        left = left.rstrip("/")
+        if run_id and "/" not in run_id and (left.endswith(".zarr") or Path(left).is_dir()):
+            return Path(left), f":{run_id}", "run"
+        cut = source.rfind(":/")
+        if cut > 0 and Path(source[:cut]).suffix.lower() in HDF5_SUFFIXES:
+            return Path(source[:cut]), source[cut:], "hdf5"
+    return path, "", "unknown"
+
+
+def _read(source: str) -> _Raw:
+    """(raw array, source in canonical syntax, file pixel size or None) for any source."""
+    path, rest, kind = split_source(source)
+    if kind == "file":
         suffix = path.suffix.lower()
         if suffix == ".npy":
             return _read_npy(path)
@@ -277,17 +295,12 @@ def _read(source: str) -> _Raw:
             f"probe file {source!r}: suffix {path.suffix!r}; expected one of "
             f"{', '.join(NPY_SUFFIXES + HDF5_SUFFIXES)}, or STORE.zarr:RUN_ID"
         )
-    if ":" in source:
-        left, run_id = source.rsplit(":", 1)
-        left = left.rstrip("/")
-        if run_id and "/" not in run_id and (left.endswith(".zarr") or Path(left).is_dir()):
-            return _read_run(Path(left), run_id)
-        cut = source.rfind(":/")
-        if cut > 0 and Path(source[:cut]).suffix.lower() in HDF5_SUFFIXES:
-            file = Path(source[:cut])
-            if not file.is_file():
-                raise InputError(f"probe file {str(file)!r}: does not exist; expected a file")
-            return _read_hdf5(file, source[cut + 1 :])
+    if kind == "run":
+        return _read_run(path, rest[1:])
+    if kind == "hdf5":
+        if not path.is_file():
+            raise InputError(f"probe file {str(path)!r}: does not exist; expected a file")
+        return _read_hdf5(path, rest[1:])
     if path.is_dir():
         hint = ""
         if (path / "zarr.json").is_file():

@@ -232,3 +232,20 @@ def test_defocused_scan_reconstructs_from_the_optics_start(defocused_store: Path
     result = Trainer(loaded.data, cfg).fit(progress=False)
     scores = quality(result, loaded.dataset)
     assert scores["relative_error"] < 0.35
+
+
+def test_probe_guess_option_is_checked_and_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defocused_store: Path
+) -> None:
+    """`--probe-guess` becomes probe_init = file with an absolute source (workers may start
+    elsewhere); a missing file is refused before any work starts."""
+    from cli.common import probe_guess_overrides
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "guess.npy", np.ones((4, 4), np.complex64))
+    cfg = load_config(None, probe_guess_overrides("guess.npy"))
+    assert cfg.model.probe_init == "file" and cfg.probe.guess == str(tmp_path / "guess.npy")
+    run = load_config(None, probe_guess_overrides(f"{defocused_store}:some-run")).probe.guess
+    assert run == f"{defocused_store.resolve()}:some-run"
+    with pytest.raises(InputError, match=r"missing\.h5"):
+        probe_guess_overrides("missing.h5:/entry/probe")
