@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 import xarray as xr  # noqa: E402
 from bench_scale import object_error, trainer_values  # noqa: E402
 
-from pipeline import plan  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.physics import ScanGeometry, forward_intensity  # noqa: E402
-from pipeline.simulate import SimulationConfig, make_object, make_probe  # noqa: E402
-from pipeline.train import ScanData, Trainer  # noqa: E402
+from ptyinr.config import load_config  # noqa: E402
+from ptyinr.launch import build_engine  # noqa: E402
+from ptyinr.physics import ScanGeometry, forward_intensity  # noqa: E402
+from ptyinr.runtime import plan  # noqa: E402
+from ptyinr.scandata import ScanData  # noqa: E402
+from ptyinr.simulate import SimulationConfig, make_object, make_probe  # noqa: E402
 
 
 def simulate_on_device(
@@ -116,14 +117,14 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    trainer = Trainer(data, cfg)
+    trainer = build_engine(data, cfg)
     init_s = time.perf_counter() - t0
     epoch_s: list[float] = []
     losses: list[float] = []
     train_started = time.perf_counter()
     while trainer.epoch < args.epochs and time.perf_counter() - train_started < args.time_limit:
         t0 = time.perf_counter()
-        losses.append(trainer.run_epoch())
+        losses.append(trainer.train_epoch())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_s.append(time.perf_counter() - t0)

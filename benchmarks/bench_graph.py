@@ -5,7 +5,7 @@ configuration (a narrow SIREN, `--epochs` full-batch epochs), each run = full + 
 reconstructions + FRC + results + figures, as `ptyinr scan` does. Measured, each on fresh
 copies of the stores:
 
-- graph, 1 worker / 2 workers: `pipeline.graph.run_graph` on a LocalCluster started (and its
+- graph, 1 worker / 2 workers: `ptyinr.graph.run_graph` on a LocalCluster started (and its
   workers warmed up: torch, matplotlib and the pipeline imported) before the clock starts;
   cluster start-up is reported separately;
 - in-process: the graph's own stage functions called one after the other in this process
@@ -51,7 +51,7 @@ FAST = [
 
 
 def make_stores(folder: Path, n: int, object_size: int) -> list[Path]:
-    from pipeline.simulate import SimulationConfig, write_simulated_store
+    from ptyinr.simulate import SimulationConfig, write_simulated_store
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -81,7 +81,7 @@ def fresh(template: list[Path], folder: Path) -> list[Path]:
 
 
 def specs_for(stores: list[Path], cfg) -> list:
-    from pipeline import graph
+    from ptyinr import graph
 
     rid = graph.config_run_id(cfg)
     return [graph.RunSpec(store=s, config=cfg, run_id=rid) for s in stores]
@@ -91,15 +91,15 @@ def _warm_up() -> None:
     """Import what the tasks import, so that no measurement pays a first import."""
     import importlib
 
-    for name in ("torch", "matplotlib.figure", "pipeline.reconstruct", "pipeline.figures"):
+    for name in ("torch", "matplotlib.figure", "ptyinr.reconstruct", "ptyinr.figures"):
         importlib.import_module(name)
 
 
 def time_graph(stores: list[Path], cfg, workers: int) -> dict:
     from distributed import get_task_stream
 
-    from pipeline import graph
-    from pipeline.cluster import connect
+    from ptyinr import graph
+    from ptyinr.cluster import connect
 
     t0 = time.perf_counter()
     with connect("local", n_workers=workers, dashboard_address=None, quiet=True) as client:
@@ -155,7 +155,7 @@ def cpu_calibration() -> dict:
 
 def time_in_process(stores: list[Path], cfg) -> dict:
     """The graph's stage functions, called in order in this process (no Dask scheduler)."""
-    from pipeline import graph
+    from ptyinr import graph
 
     started = time.perf_counter()
     for spec in specs_for(stores, cfg):
@@ -171,9 +171,9 @@ def time_engine_only(stores: list[Path], cfg) -> dict:
     """reconstruct_store x 3 per store (full and the two halves on one grid), nothing else."""
     import numpy as np
 
-    from pipeline import evaluate
-    from pipeline.physics import ScanGeometry
-    from pipeline.reconstruct import load_scan, reconstruct_store
+    from ptyinr import evaluate
+    from ptyinr.physics import ScanGeometry
+    from ptyinr.reconstruct import load_scan, reconstruct_store
 
     started = time.perf_counter()
     for path in stores:
@@ -210,7 +210,7 @@ def main() -> None:
 
     import dask
 
-    from pipeline.config import load_config
+    from ptyinr.config import load_config
 
     dask.config.set(scheduler="synchronous")  # this process's own store reads
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -5,7 +5,7 @@ diffraction frames (uint16, 256 x 256, contiguous), then, each in a fresh child 
 with the file dropped from the page cache first (posix_fadvise DONTNEED):
 
 - plain read: h5py reads the whole dataset in slabs of 128 frames, nothing else;
-- ingest: `pipeline.ingest.ingest_file` (sha256 of the source, streaming copy through
+- ingest: `ptyinr.ingest.ingest_file` (sha256 of the source, streaming copy through
   dask with checks, blosc-zstd/bitshuffle compression, sharded Zarr v3 write, rename);
 - sha256 only: the hash pass ingest does first (to separate it from the copy).
 
@@ -67,7 +67,7 @@ def child(mode: str, src: str, out: str) -> dict:
     """One measurement, in this (fresh) process (imports are not timed)."""
     import h5py
 
-    from pipeline.ingest import ingest_file, sha256_file
+    from ptyinr.ingest import ingest_file, sha256_file
 
     t0 = time.perf_counter()
     if mode == "plain":

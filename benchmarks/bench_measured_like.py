@@ -37,9 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import store  # noqa: E402
-from pipeline.config import read_toml  # noqa: E402
-from pipeline.simulate import (  # noqa: E402
+from ptyinr import store  # noqa: E402
+from ptyinr.config import read_toml  # noqa: E402
+from ptyinr.simulate import (  # noqa: E402
     SimulationConfig,
     make_probe,
     write_simulated_store,
@@ -60,7 +60,7 @@ def optics_overrides(sim: SimulationConfig, defocus_factor: float = 1.0) -> list
 
 def analytic_guess(sim: SimulationConfig, path: Path, defocus_factor: float) -> Path:
     """A beamline's analytic zone-plate guess, `defocus_factor` x the true defocus (the
-    simulator's own optics model, pipeline.simulate.make_probe)."""
+    simulator's own optics model, ptyinr.simulate.make_probe)."""
     probe = make_probe(sim.model_copy(update={"defocus_m": sim.defocus_m * defocus_factor}))
     np.save(path, probe)
     return path

@@ -2,7 +2,7 @@
 
 `performance.precision = bf16` runs the SIRENs' width x width layers in bfloat16 (first layer,
 head, physics and loss stay float32), `bf16-backward` only their backward GEMMs
-(pipeline.fastpaths, models.siren). This benchmark is the evidence behind `precision = auto`
+(ptyinr.fastpaths, models.siren). This benchmark is the evidence behind `precision = auto`
 (bf16 for mini-batch runs, float32 for full batch): for each simulation case it trains PtyINR
 from the same seed in each precision and records the quality against the ground truth at the
 same epochs (paired: same data, same initial weights, same batches), the data loss, and the
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import CASES, SCALES, run_method
 
-from pipeline.simulate import SimulationConfig, simulate_scan
-from pipeline.train import ScanData
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
 
 # bench_quality's seven cases and a dense known-probe one: the high-accuracy regime with
 # enough positions for mini-batches (--batch-fraction)

@@ -7,7 +7,7 @@ mixed noise at -540 %; known probe at -540 %) this runs
 - the pixel baseline (object and probe as free pixel arrays, same loss and optimiser) to
   convergence,
 
-recording object/probe quality against the ground truth (pipeline.evaluate, scanned interior,
+recording object/probe quality against the ground truth (ptyinr.evaluate, scanned interior,
 ramp removed for unknown probes) as a function of epochs AND of training seconds (evaluation
 time excluded). The table reports each method's final quality, the baseline's best quality
 (which a user could not pick without ground truth), and the quality each method had reached
@@ -32,10 +32,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from pipeline import evaluate
-from pipeline.config import load_config
-from pipeline.simulate import SimulationConfig, simulate_scan
-from pipeline.train import ScanData, Trainer
+from ptyinr import evaluate
+from ptyinr.config import load_config
+from ptyinr.engines import Engine
+from ptyinr.launch import build_engine
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
 
 CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("clean 40%", {"overlap": 0.4, "noise": "clean"}, False),
@@ -70,7 +72,7 @@ PIXEL_OVERRIDES = [
 ]
 
 
-def score(trainer: Trainer, truth_object: np.ndarray, truth_probe: np.ndarray) -> dict[str, float]:
+def score(trainer: Engine, truth_object: np.ndarray, truth_probe: np.ndarray) -> dict[str, float]:
     """Quality of the trainer's current state against ground truth (as `ptyinr evaluate`)."""
     result = trainer.result()  # pixel units: object coords are the simulator's pixel frame
     obj = result.object
@@ -100,15 +102,13 @@ def run_method(
     """Train, scoring at ~n_checkpoints evenly spaced epochs; seconds exclude scoring."""
     config = load_config(overrides=[*overrides, f"train.epochs={epochs}", f"train.device={device}"])
     started = time.perf_counter()
-    trainer = Trainer(data, config, known_probe=known_probe)
+    trainer = build_engine(data, config, known_probe=known_probe)
     setup = time.perf_counter() - started
     trainer.seconds = setup  # the probe warm start is part of the method's cost
     every = max(epochs // n_checkpoints, 1)
     curve = []
     while trainer.epoch < epochs:
-        t0 = time.perf_counter()
-        loss = trainer.run_epoch()
-        trainer.seconds += time.perf_counter() - t0
+        loss = trainer.train_epoch()  # adds its own seconds
         if not np.isfinite(loss):
             break
         if trainer.epoch % every == 0 or trainer.epoch == epochs:

@@ -9,7 +9,7 @@ Sections (each result also lands in <workdir>/bench_scale.json; --write appends/
 "## Scale and speed (issue 6)" section of benchmarks/RESULTS.md):
 
 1. machine: GEMM FLOP/s (fp32, bf16) of width-512 layers, complex64 FFT FLOP/s of 64 x 64
-   frames, sine throughput (pipeline.plan.calibrate, the same rates --plan uses);
+   frames, sine throughput (ptyinr.plan.calibrate, the same rates --plan uses);
 2. ours vs the authors' approach on the paper's 3600 x 64 x 64 case (simulated, clean, 40 %
    overlap, SIREN 3 x 512, hash-grid probe, mini-batch 116 = 1/31 of the positions, Adam
    1e-4): the authors' engineering (whole object field through both SIRENs every mini-batch,
@@ -122,11 +122,11 @@ def siren_flops_per_pixel(width: int = 512, hidden: int = 3) -> float:
 
 
 def gemm_rates(names: tuple[str, ...] = ("gemm_fp32", "gemm_bf16")) -> dict[str, float]:
-    """This CPU's GEMM rates (pipeline.plan.gemm_rates, calibrate's GEMM), sampled right
+    """This CPU's GEMM rates (ptyinr.plan.gemm_rates, calibrate's GEMM), sampled right
     before training steps, so that each step's throughput is compared with the machine's
     GEMM rate of the same moment (this VM's rate drifts by up to 2x with other tenants'
     load)."""
-    from pipeline import plan
+    from ptyinr.runtime import plan
 
     return plan.gemm_rates("cpu", 512, names)
 
@@ -141,8 +141,8 @@ class AuthorsApproach:
     def __init__(self, trainer: Any) -> None:
         import torch
 
-        from pipeline.fastpaths import set_object_precision
-        from pipeline.physics import ScanGeometry
+        from ptyinr.physics import ScanGeometry
+        from ptyinr.runtime.precision import set_object_precision
 
         self.object = copy.deepcopy(trainer.object)
         set_object_precision(self.object, "fp32")  # theirs is float32, whatever ours runs
@@ -159,8 +159,8 @@ class AuthorsApproach:
         self.top_left = rounded.top_left.tolist()
         self.shape = trainer.geometry.object_shape
         self.window = trainer.geometry.window_shape
-        self.measured = trainer.measured_amplitude.to(torch.float64)
-        self.valid = trainer.valid
+        self.measured = trainer.measured.resident.to(torch.float64)
+        self.valid = trainer.measured.valid
         self.step_count = 0
         groups = [
             {"params": list(self.object.parameters()), "lr": cfg.train.lr_object},
@@ -220,7 +220,7 @@ def object_error(values: np.ndarray, trainer: Any, truth: Any) -> float:
     """Object relative error on the scanned interior, ramp and phase offset removed."""
     import xarray as xr
 
-    from pipeline import evaluate
+    from ptyinr import evaluate
 
     geometry = trainer.geometry
     ys, xs = geometry.pixel_coordinates()
@@ -260,11 +260,13 @@ def versus_authors(
     """Section 2 (and 3's numbers from the same steps)."""
     import torch
 
-    from pipeline import fastpaths, plan
-    from pipeline.config import load_config
-    from pipeline.reconstruct import load_scan
-    from pipeline.simulate import SimulationConfig, write_simulated_store
-    from pipeline.train import Trainer, batches
+    from ptyinr.batching import batches
+    from ptyinr.config import load_config
+    from ptyinr.launch import build_engine
+    from ptyinr.reconstruct import load_scan
+    from ptyinr.runtime import plan
+    from ptyinr.runtime import precision as fastpaths
+    from ptyinr.simulate import SimulationConfig, write_simulated_store
 
     torch.set_num_threads(threads)
     path = workdir / "paper40.zarr"
@@ -280,7 +282,7 @@ def versus_authors(
 
     def build(extra: list[str]) -> Any:
         cfg = load_config("paper-clean-40", [*common, *extra])
-        return Trainer(loaded.data, cfg)
+        return build_engine(loaded.data, cfg)
 
     started = time.perf_counter()
     ours = build([])  # the defaults
@@ -401,10 +403,12 @@ def scaling_child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     a = torch.randn(256, 256)
     (a @ a).sum()
-    from pipeline import plan
-    from pipeline.config import load_config
-    from pipeline.physics import ScanGeometry
-    from pipeline.train import ScanData, Trainer, batches
+    from ptyinr.batching import batches
+    from ptyinr.config import load_config
+    from ptyinr.launch import build_engine
+    from ptyinr.physics import ScanGeometry
+    from ptyinr.runtime import plan
+    from ptyinr.scandata import ScanData
 
     n, frame = spec["n"], spec["frame"]
     side = math.ceil(math.sqrt(n))
@@ -440,7 +444,7 @@ def scaling_child(spec: dict[str, Any]) -> dict[str, Any]:
         for start in range(0, n, 1024):
             stop = min(n, start + 1024)
             frames[start:stop] = rng.uniform(0, 1000, (stop - start, frame, frame))
-    trainer = Trainer(ScanData(frames, positions), cfg)
+    trainer = build_engine(ScanData(frames, positions), cfg)
     del frames
     sched = list(batches(n, spec["batch"], 0, 0))
     times = []
@@ -469,7 +473,7 @@ def scaling_child(spec: dict[str, Any]) -> dict[str, Any]:
         * siren_flops_per_pixel()
         * 3.0
         * planned_authors.workload.steps_per_epoch,
-        "streamed": trainer.stream is not None,
+        "streamed": trainer.measured.stream is not None,
     }
 
 
@@ -504,10 +508,10 @@ def parallel_speedup(workdir: Path, threads: int) -> dict[str, Any]:
     """Section 5: the same global batches on 1 process x `threads` threads and on K = 2, 4
     processes x max(threads / K, 1) (SIREN 3 x 256, 900 positions of the paper case, full
     batch, float32 so the objects can be compared)."""
-    from pipeline.config import load_config
-    from pipeline.parallel import fit_spawned
-    from pipeline.reconstruct import load_scan
-    from pipeline.train import ScanData
+    from ptyinr.config import load_config
+    from ptyinr.launch import fit_spawned
+    from ptyinr.reconstruct import load_scan
+    from ptyinr.scandata import ScanData
 
     loaded = load_scan(workdir / "paper40.zarr", load_config())
     pos = loaded.data.positions_px
@@ -545,9 +549,9 @@ def gpu_full_batch_plan(n: int, frame: int) -> tuple[str, int]:
     """--plan's memory model for a full batch of an n-position raster of `frame` px frames
     at 5 % steps on an 80 GB GPU: its choices as text, and the forward model's bytes
     without frame chunks."""
-    from pipeline import plan
-    from pipeline.config import load_config
-    from pipeline.physics import ScanGeometry
+    from ptyinr.config import load_config
+    from ptyinr.physics import ScanGeometry
+    from ptyinr.runtime import plan
 
     side = math.isqrt(n)
     step = max(round(0.05 * frame), 1)
@@ -602,9 +606,10 @@ def switch_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from pipeline.config import load_config
-    from pipeline.reconstruct import load_scan
-    from pipeline.train import Trainer, batches
+    from ptyinr.batching import batches
+    from ptyinr.config import load_config
+    from ptyinr.launch import build_engine
+    from ptyinr.reconstruct import load_scan
 
     path = Path(spec["store"]) / "paper40.zarr"
     cfg = load_config(
@@ -618,12 +623,13 @@ def switch_child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     loaded = load_scan(path, cfg, lazy=True)
     n = len(loaded.data.positions_px)
-    cfg.train.batch_size = round(n / 31)
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"batch_size": round(n / 31)})}
+    )
     base = status_bytes("VmRSS")
-    trainer = Trainer(loaded.data, cfg)
+    trainer = build_engine(loaded.data, cfg)
     sched = list(batches(n, cfg.train.batch_size, 0, 0))
-    if trainer.stream is not None:
-        trainer.stream.expect(sched)
+    trainer.measured.expect(sched)
     times = []
     for b in sched[: spec["steps"] + 1]:
         t0 = time.perf_counter()
@@ -636,7 +642,7 @@ def switch_child(spec: dict[str, Any]) -> dict[str, Any]:
         "plan_peak_bytes": trainer.runtime.estimate.peak if trainer.runtime.estimate else None,
         "tile": trainer.runtime.tile_pixels,
         "chunk": trainer.runtime.chunk_pixels,
-        "streamed": trainer.stream is not None,
+        "streamed": trainer.measured.stream is not None,
     }
 
 
@@ -1007,7 +1013,7 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
     import torch
 
-    from pipeline import plan
+    from ptyinr.runtime import plan
 
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.models.fields import AMPLITUDE_OFFSET, ProbeField
+from ptyinr.config import load_config
+from ptyinr.models.fields import AMPLITUDE_OFFSET, ProbeField
 
 
 def zone_plate_probe(n: int, c: float, focus_fwhm_px: float = 3.0) -> np.ndarray:

@@ -1,1 +1,1 @@
-"""The `ptyinr` command line: one module per command group, wired together in `cli.main`."""
+"""The `ptyinr` command line: one module per command group, wired together in `ptyinr.cli.main`."""

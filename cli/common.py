@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import InputError
+from ptyinr.errors import InputError
 
 err_console = Console(stderr=True)
 console = Console()
@@ -50,7 +50,7 @@ def probe_guess_overrides(source: str | None) -> list[str]:
         return []
     import json
 
-    from pipeline.probe_files import split_source
+    from ptyinr.probe_files import split_source
 
     path, rest, _ = split_source(str(source))
     path = path.expanduser()

@@ -12,20 +12,21 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from cli.common import (
+from ptyinr import figures, store
+from ptyinr.cli.common import (
     ProbeGuessOption,
     console,
     err_console,
     probe_guess_overrides,
     user_errors,
 )
-from pipeline import figures, store
-from pipeline.config import load_config, read_toml
-from pipeline.errors import ConfigError, InputError, ReconstructionFailed
-from pipeline.parallel import choose_ranks
-from pipeline.plan import check_plan, parse_device_memory
-from pipeline.reconstruct import load_probe_file, load_scan, reconstruct_store
-from pipeline.simulate import SimulationConfig, export_raw_hdf5, write_simulated_store
+from ptyinr.config import load_config, read_toml
+from ptyinr.errors import ConfigError, InputError, ReconstructionFailed
+from ptyinr.launch import choose_ranks
+from ptyinr.reconstruct import load_probe_file, reconstruct_store, resolve_config
+from ptyinr.runtime.plan import check_plan, parse_device_memory
+from ptyinr.scandata import load_scan
+from ptyinr.simulate import SimulationConfig, export_raw_hdf5, write_simulated_store
 
 DEMO_PRESET = "demo"
 
@@ -168,7 +169,7 @@ def reconstruct(
         overrides = list(set_ or []) + probe_guess_overrides(probe_guess)
         if device:
             overrides.append(f"train.device={device}")
-        cfg = load_config(config, overrides)
+        cfg = resolve_config(load_config(config, overrides))  # the engine's own settings
         target = parse_device_memory(plan_for) if plan_for else None
         plan = plan or target is not None
         if target is None:
@@ -231,7 +232,7 @@ def evaluate(
 ) -> None:
     """Quality of a run against the store's ground truth (simulated stores)."""
     with user_errors():
-        from pipeline import evaluate as ev
+        from ptyinr import evaluate as ev
 
         ds = store.open_scan_store(store_path)
         result = _open_run_checked(store_path, run)

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import fail
-from pipeline import store as scan_store
-from pipeline.errors import InputError
+from ptyinr import store as scan_store
+from ptyinr.cli.common import fail
+from ptyinr.errors import InputError
 
 err = Console(stderr=True)
 out = Console()
@@ -37,7 +37,7 @@ def _parse_keys(items: list[str] | None) -> dict[str, str]:
 
 
 def _conversions(**kw: Any):
-    from pipeline.ingest import Conversions
+    from ptyinr.ingest import Conversions
 
     conv = Conversions(**{k: v for k, v in kw.items() if v is not None})
     conv.validate()
@@ -87,7 +87,7 @@ def ingest(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
     """Ingest one scan file into a Zarr scan store (streamed, checked, converted)."""
-    from pipeline.ingest import ingest_file
+    from ptyinr.ingest import ingest_file
 
     try:
         conv = _conversions(
@@ -139,7 +139,7 @@ def ingest_archive(
     workers: Annotated[int | None, typer.Option(help="Parallel files (default: cores).")] = None,
 ) -> None:
     """Ingest many files in parallel: one store each plus a catalog; exit 2 if any failed."""
-    from pipeline.ingest import ingest_archive as run_archive
+    from ptyinr.ingest import ingest_archive as run_archive
 
     try:
         conv = _conversions(
@@ -187,8 +187,8 @@ def catalog(
     ] = None,
 ) -> None:
     """Show the catalog of an archive directory."""
-    from pipeline.ingest import read_catalog
-    from pipeline.ingest.catalog import COLUMNS, catalog_path
+    from ptyinr.ingest import read_catalog
+    from ptyinr.ingest.catalog import COLUMNS, catalog_path
 
     try:
         if not catalog_path(outdir).exists():
@@ -372,7 +372,7 @@ def preprocess(
     ] = False,
 ) -> None:
     """Write a `preprocessed` array into the store (raw intensities untouched)."""
-    from pipeline.preprocess import PreprocessOptions, write_preprocessed
+    from ptyinr.preprocess import PreprocessOptions, write_preprocessed
 
     try:
         c: str | tuple[float, float] = centre

@@ -20,10 +20,10 @@ app = typer.Typer(
 
 # Command modules, in the order their commands appear in `ptyinr --help`.
 COMMAND_MODULES: list[str] = [
-    "cli.engine",
-    "cli.slurm",
-    "cli.ingest",
-    "cli.run",
+    "ptyinr.cli.engine",
+    "ptyinr.cli.slurm",
+    "ptyinr.cli.ingest",
+    "ptyinr.cli.run",
 ]
 
 for _name in COMMAND_MODULES:

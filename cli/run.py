@@ -1,7 +1,7 @@
 """Pipeline commands: run (reconstruction + FRC resolution per store), scan (datasets x
 hyper-parameter grid, with a summary), results (what a store holds).
 
-All three drive `pipeline.graph` on the cluster `--cluster` names (`pipeline.cluster.connect`:
+All three drive `ptyinr.graph` on the cluster `--cluster` names (`ptyinr.cluster.connect`:
 local by default, `slurm:PROFILE`, or a scheduler address). Exit status: 0 when every run is
 complete, 1 when any run failed (each failure is printed, recorded in its store when possible
 and, for scans, in the summary), 2 for a mistake in the command line or config.
@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import ProbeGuessOption, console, probe_guess_overrides, user_errors
-from pipeline import graph, store
-from pipeline.config import ReconstructionConfig, load_config, parse_override
-from pipeline.errors import InputError
+from ptyinr import graph, store
+from ptyinr.cli.common import ProbeGuessOption, console, probe_guess_overrides, user_errors
+from ptyinr.config import ReconstructionConfig, load_config, parse_override
+from ptyinr.errors import InputError
 
 progress_console = Console(stderr=True)
 
@@ -88,7 +88,7 @@ def _preprocess_options(enabled: bool, frame_size: str | None, binning: int) -> 
         if frame_size is not None or binning != 1:
             raise InputError("--frame-size / --binning need --preprocess")
         return None
-    from pipeline.preprocess import PreprocessOptions
+    from ptyinr.preprocess import PreprocessOptions
 
     size = None
     if frame_size is not None:
@@ -103,7 +103,7 @@ def _preprocess_options(enabled: bool, frame_size: str | None, binning: int) -> 
 
 
 def _connect(cluster: str, workers: int | None):
-    from pipeline.cluster import connect, parse_cluster_spec
+    from ptyinr.cluster import connect, parse_cluster_spec
 
     kind = parse_cluster_spec(cluster).kind
     if kind == "local":
@@ -181,7 +181,7 @@ def run(
 
     Per store: full reconstruction, two half-scan reconstructions, FRC between the halves,
     figures; results go to STORE/reconstructions/<run_id> (halves under half_a, half_b)."""
-    from pipeline.reconstruct import new_run_id
+    from ptyinr.reconstruct import new_run_id
 
     with user_errors():
         cfg = load_config(config, list(set_ or []) + probe_guess_overrides(probe_guess))

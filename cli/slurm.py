@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import fail
-from pipeline.errors import InputError
+from ptyinr.cli.common import fail
+from ptyinr.errors import InputError
 
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 _console = Console()
@@ -33,7 +33,10 @@ _fail = fail
 # --------------------------------------------------------------------------- profiles
 
 profiles_app = typer.Typer(
-    help="SLURM profiles (dask-jobqueue YAML): list them, or show the job script of one.",
+    help=(
+        "SLURM profiles (dask-jobqueue YAML): list them, show the job script of one, or copy "
+        "one (e.g. a bundled one) to edit it for your site."
+    ),
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -44,7 +47,7 @@ def profiles(ctx: typer.Context) -> None:
     """List the profiles usable with --cluster slurm:NAME and where each comes from."""
     if ctx.invoked_subcommand is not None:
         return
-    from pipeline.cluster import available_profiles, load_profile, profile_dirs
+    from ptyinr.cluster import available_profiles, load_profile, profile_dirs
 
     table = Table("profile", "cores", "memory", "walltime", "GPU", "jobs", "file")
     for name, path in available_profiles().items():
@@ -72,13 +75,53 @@ def profiles(ctx: typer.Context) -> None:
 @profiles_app.command("show")
 def profiles_show(name: str = typer.Argument(..., help="profile name or path to a .yaml")) -> None:
     """Print the worker job script that dask-jobqueue generates for profile NAME."""
-    from pipeline.cluster import profile_job_script
+    from ptyinr.cluster import profile_job_script
 
     try:
         script = profile_job_script(name)
     except InputError as exc:
         raise _fail(exc) from None
     typer.echo(script)
+
+
+@profiles_app.command("copy")
+def profiles_copy(
+    name: str = typer.Argument(..., help="profile to copy (see `ptyinr profiles`)"),
+    dest: Path | None = typer.Argument(
+        None, help="a .yaml file or a folder; default: your profile folder"
+    ),
+    force: bool = typer.Option(False, "--force", help="replace an existing file"),
+) -> None:
+    """Copy profile NAME to DEST (default ~/.config/ptyinr/profiles/NAME.yaml) to edit it."""
+    from ptyinr.cluster import PROFILE_SUFFIXES, find_profile, profile_dirs, user_profiles_dir
+
+    try:
+        source = find_profile(name)
+        if dest is None:
+            target = user_profiles_dir() / f"{source.stem}.yaml"
+        elif dest.expanduser().is_dir():
+            target = dest.expanduser() / source.name
+        elif dest.suffix in PROFILE_SUFFIXES:
+            target = dest.expanduser()
+        else:
+            raise InputError(f"copy to {dest}: expected a .yaml file or an existing folder")
+        if target.exists() and not force:
+            raise InputError(f"{target} already exists; pass --force to replace it")
+        if target.exists() and target.resolve() == source.resolve():
+            raise InputError(
+                f"{target} is profile {name!r} itself; remove it to copy the one it hides"
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            raise InputError(f"copy {source} -> {target}: {exc.strerror or exc}") from None
+    except InputError as exc:
+        raise _fail(exc) from None
+    searched = target.parent.resolve() in {d.resolve() for d in profile_dirs()}
+    use = target.stem if searched else str(target)
+    _console.print(f"copied {source} -> {target}", highlight=False, soft_wrap=True)
+    _console.print(f"edit it, then use --cluster slurm:{use}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- submit
@@ -109,7 +152,7 @@ def _submit(
     env: list[str],
     workdir: Path | None,
 ) -> None:
-    from pipeline.jobscript import driver_job, parse_env, render_driver_script, submit_driver
+    from ptyinr.jobscript import driver_job, parse_env, render_driver_script, submit_driver
 
     try:
         job = driver_job(
@@ -215,9 +258,9 @@ def _squeue(user: str) -> list[dict[str, str]]:
 
 
 def _list_runs_hook() -> Any:
-    """`pipeline.store.list_runs(store) -> list[dict]`, or None where it is not available."""
+    """`ptyinr.store.list_runs(store) -> list[dict]`, or None where it is not available."""
     try:
-        from pipeline.store import list_runs
+        from ptyinr.store import list_runs
     except ImportError:
         return None
     return list_runs
@@ -246,7 +289,7 @@ def status(
         return
     list_runs = _list_runs_hook()
     if list_runs is None:
-        _err.print("run states need pipeline.store.list_runs, not in this version", highlight=False)
+        _err.print("run states need ptyinr.store.list_runs, not in this version", highlight=False)
         return
     for store in stores:
         try:
@@ -274,7 +317,7 @@ def cancel(job_ids: list[str] = typer.Argument(..., help="driver (or worker) job
         for job_id in job_ids:
             if not _JOB_ID.match(job_id):
                 raise InputError(f"job id {job_id!r}: expected digits like 12345")
-        from pipeline.cluster import require_slurm_client
+        from ptyinr.cluster import require_slurm_client
 
         require_slurm_client(("scancel", "squeue"))
         rows = _squeue(getpass.getuser())

@@ -77,3 +77,12 @@ def epoch_batches(
         yield from local_batches(positions_px, batch_size, seed, epoch)
     else:
         yield from random_batches(n, batch_size, seed, epoch)
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
+    """Position indices of each step of one epoch: full batch (batch_size <= 0 or >= n), or
+    a shuffle drawn from (seed, epoch)."""
+    if batch_size <= 0 or batch_size >= n:
+        yield np.arange(n)
+        return
+    yield from random_batches(n, batch_size, seed, epoch)

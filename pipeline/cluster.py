@@ -15,8 +15,9 @@ Tasks ask for ``task_resources(client)`` (``{"GPU": 1}`` when the workers have G
 run records ``slurm_job_ids(client)`` / ``current_slurm_job_id()`` in its attrs.
 
 Profiles are found, in order, in ``$PTYINR_PROFILES`` (one or more directories, separated by
-``os.pathsep``), ``~/.config/ptyinr/profiles`` and the repository's ``slurm/profiles``; a
-user profile with the name of a bundled one wins. A path to a ``.yaml`` file also works.
+``os.pathsep``), ``~/.config/ptyinr/profiles`` and the profiles bundled with the package
+(``ptyinr.slurm``'s ``profiles/``, found with `importlib.resources`); a user profile with the
+name of a bundled one wins. A path to a ``.yaml`` file also works.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,8 @@ import yaml
 from dask.utils import parse_bytes, parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.errors import ConfigError, InputError
+from ptyinr.errors import ConfigError, InputError
 
-#: Repository folder of the bundled profiles (editable install: next to the package).
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_PROFILES = REPO_ROOT / "slurm" / "profiles"
 PROFILE_SUFFIXES = (".yaml", ".yml")
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADDRESS = re.compile(r"^(tcp|tls|ws|wss|ucx|inproc)://\S+$")
@@ -119,14 +118,27 @@ class Profile:
         return "GPU" in worker_resources_from_args(self.jobqueue.get("worker_extra_args") or [])
 
 
+def bundled_profiles_dir() -> Path:
+    """The folder of the profiles shipped with ptyinr (package data of ``ptyinr.slurm``)."""
+    folder = resources.files("ptyinr.slurm") / "profiles"
+    # An installed or editable package lives on the file system; a package imported from a
+    # zip archive has no such folder, and then only the user's profile folders count.
+    return folder if isinstance(folder, Path) else Path(str(folder))
+
+
+def user_profiles_dir() -> Path:
+    """The user's own profile folder, ``~/.config/ptyinr/profiles``."""
+    return Path("~/.config/ptyinr/profiles").expanduser()
+
+
 def profile_dirs() -> list[Path]:
     """Directories searched for profiles, highest priority first."""
     dirs: list[Path] = []
     env = os.environ.get("PTYINR_PROFILES")
     if env:
         dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    dirs.append(Path("~/.config/ptyinr/profiles").expanduser())
-    dirs.append(BUNDLED_PROFILES)
+    dirs.append(user_profiles_dir())
+    dirs.append(bundled_profiles_dir())
     return dirs
 
 
@@ -694,6 +706,7 @@ __all__ = [
     "Profile",
     "WorkerSetup",
     "available_profiles",
+    "bundled_profiles_dir",
     "connect",
     "cuda_gpu_ids",
     "current_slurm_job_id",
@@ -709,5 +722,6 @@ __all__ = [
     "slurm_cluster_kwargs",
     "slurm_job_ids",
     "task_resources",
+    "user_profiles_dir",
     "worker_resources_from_args",
 ]

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.batching import resolve_batch_size
-from pipeline.errors import ConfigError
+from ptyinr.batching import resolve_batch_size
+from ptyinr.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -25,8 +25,16 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """How object and probe are represented (the paper's Methods; ablations of Fig. S16)."""
+    """Which method reconstructs, and how object and probe are represented (the paper's
+    Methods; ablations of Fig. S16)."""
 
+    method: str = Field(
+        "ptyinr",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="reconstruction engine (ptyinr.engines): ptyinr (neural fields), pixels "
+        "(pixel-grid object and probe, same loss and optimiser), epie (classical rPIE/ePIE "
+        "updates, [epie] section)",
+    )
     object: Literal["siren", "hashgrid", "pixels"] = "siren"
     probe: Literal["hashgrid", "pixels"] = "hashgrid"
     first_omega: float = Field(30.0, gt=0, description="SIREN first-layer omega_0 (30; 90 dense)")
@@ -90,6 +98,11 @@ class TrainConfig(_Section):
     )
     lr_warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps warming up")
     lr_final: float = Field(0.1, gt=0, le=1, description="last step's share of the rates")
+    loss: Literal["smooth_l1"] = Field(
+        "smooth_l1",
+        description="data term (ptyinr.losses): smooth_l1 = the paper's SmoothL1 of sqrt "
+        "intensities with threshold loss_beta",
+    )
     loss_beta: float = Field(1e-2, gt=0, description="SmoothL1 threshold on sqrt intensities")
     probe_reg_lambda: float = Field(1e-2, ge=0, description="weight of mean probe amplitude")
     probe_reg_steps: int = Field(100, ge=0, description="steps k during which it applies")
@@ -117,7 +130,7 @@ class DataConfig(_Section):
     stream: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: read frames from the store per mini-batch when they do not fit the "
-        "device (pipeline.plan); always; never: whole scan resident on the device",
+        "device (ptyinr.plan); always; never: whole scan resident on the device",
     )
 
 
@@ -200,6 +213,41 @@ class ProbeConfig(_Section):
     )
 
 
+class EpieConfig(_Section):
+    """The classical engine (model.method = epie, ptyinr.engines.epie): regularised PIE
+    (Maiden, Johnson & Li, Optica 4, 736, 2017) or ePIE (Maiden & Rodenburg, Ultramicroscopy
+    109, 1256, 2009) on a pixel object and probe, one sweep over the positions in random order
+    per epoch (train.epochs sweeps; the order comes from train.seed and the epoch). At each
+    position, with dpsi the change the measured modulus asks of the exit wave:
+    O += beta_O conj(P) dpsi / ((1 - alpha_O) |P|^2 + alpha_O max |P|^2), and the probe
+    likewise with the roles of object and probe swapped (maxima over the window)."""
+
+    variant: Literal["rpie", "epie"] = Field(
+        "rpie",
+        description="rpie: denominators mix |P|^2 and max |P|^2 (alpha); epie: max |P|^2 "
+        "only (the alphas are then unused)",
+    )
+    object_step: float = Field(1.0, gt=0, le=2.0, description="object update step (beta_O)")
+    probe_step: float = Field(1.0, gt=0, le=2.0, description="probe update step (beta_P)")
+    object_alpha: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="rPIE: weight of max |P|^2 in the object denominator (1: ePIE's; small "
+        "values take larger steps where the probe is weak, 0 divides by |P|^2 alone and is "
+        "unstable where the probe is dark)",
+    )
+    probe_alpha: float = Field(
+        0.1, ge=0, le=1, description="rPIE: weight of max |O|^2 in the probe denominator"
+    )
+    probe_update_start: int = Field(
+        1,
+        ge=0,
+        description="first epoch (0-based) whose sweep also updates the probe (the first "
+        "sweeps shape the object under the starting probe); a known probe is never updated",
+    )
+
+
 class ReconstructionConfig(_Section):
     """The whole resolved configuration of one reconstruction."""
 
@@ -208,6 +256,7 @@ class ReconstructionConfig(_Section):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     performance: PerformanceConfig = PerformanceConfig()
+    epie: EpieConfig = EpieConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
@@ -279,14 +328,14 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 def preset_path(name: str) -> Path | None:
     """The TOML preset shipped in `configs/` with this name (without .toml), if any."""
-    candidate = resources.files("configs").joinpath(f"{name}.toml")
+    candidate = resources.files("ptyinr.configs").joinpath(f"{name}.toml")
     return Path(str(candidate)) if candidate.is_file() else None
 
 
 def list_presets() -> list[str]:
     return sorted(
         p.name.removesuffix(".toml")
-        for p in resources.files("configs").iterdir()
+        for p in resources.files("ptyinr.configs").iterdir()
         if p.name.endswith(".toml")
     )
 
@@ -294,11 +343,12 @@ def list_presets() -> list[str]:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a config file, or a preset by name; errors name the file."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():  # a folder named like a preset (`--out demo`) does not hide it
         preset = preset_path(str(path))
         if preset is None:
+            what = "a folder, not a TOML file" if p.is_dir() else "no such file"
             raise ConfigError(
-                f"config {str(path)!r}: no such file and no preset of that name "
+                f"config {str(path)!r}: {what}, and no preset of that name "
                 f"(presets: {', '.join(list_presets())})"
             )
         p = preset

@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.signal.windows import tukey
 from skimage.registration import phase_cross_correlation
 
-from pipeline.errors import InputError
+from ptyinr.errors import InputError
 
 __all__ = [
     "align_global_phase",

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-from pipeline import evaluate as ev
-from pipeline.errors import InputError
+from ptyinr import evaluate as ev
+from ptyinr.errors import InputError
 
 __all__ = [
     "save_comparison_figure",

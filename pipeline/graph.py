@@ -61,11 +61,21 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from pipeline import __version__, evaluate, store
-from pipeline.cluster import current_slurm_job_id, task_resources
-from pipeline.config import ReconstructionConfig
-from pipeline.errors import InputError, ReconstructionFailed
-from pipeline.physics import ScanGeometry
+from ptyinr import evaluate, figures, store
+from ptyinr.cluster import current_slurm_job_id, task_resources
+from ptyinr.config import ReconstructionConfig
+from ptyinr.engines.base import checkpoint_epoch
+from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.preprocess import write_preprocessed
+from ptyinr.reconstruct import (
+    checkpoint_path,
+    reconstruct_store,
+    remove_checkpoints,
+    resolve_config,
+    run_attrs,
+)
+from ptyinr.scandata import load_scan, scan_geometry, store_geometry
+from ptyinr.version import __version__
 
 __all__ = [
     "DEFAULT_RETRIES",
@@ -118,7 +128,7 @@ class RunSpec:
 
     `label` holds the scan's grid coordinates ((key, value), ...); `figures_dir` is this
     run's own folder for PNGs (None: `default_figures_dir`); `preprocess` (a
-    `pipeline.preprocess.PreprocessOptions`) writes the store's `preprocessed` array first.
+    `ptyinr.preprocess.PreprocessOptions`) writes the store's `preprocessed` array first.
     """
 
     store: Path
@@ -147,7 +157,8 @@ class Failed:
 class Prepared:
     """What `prepare` learnt about a run's store; every later task of the run gets it."""
 
-    config: ReconstructionConfig  # with data.source resolved (never "auto")
+    config: ReconstructionConfig  # resolved once (reconstruct.resolve_config): source pinned
+    part_configs: dict[str, ReconstructionConfig]  # per part: the halves' own seeds
     started: float  # time.time() when prepare started
     seconds: float
     frame_shape: tuple[int, int]
@@ -333,8 +344,6 @@ def _run_exists(path: Path, run_id: str) -> bool:
 @_stage("preprocess")
 def preprocess_task(path: Path, options: Any) -> dict[str, Any]:
     """Write the store's `preprocessed` array, or reuse one made with the same options."""
-    from pipeline.preprocess import write_preprocessed
-
     started = time.perf_counter()
     ds = store.open_scan_store(path)
     wanted = store.json_safe(dataclasses.asdict(options))
@@ -347,16 +356,12 @@ def preprocess_task(path: Path, options: Any) -> dict[str, Any]:
 @_stage("prepare")
 def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
     """Validate the store, lay out one object grid for all parts, split, open the run group."""
-    from pipeline.reconstruct import store_geometry
-
     started_wall = time.time()
     started = time.perf_counter()
     path = spec.store
     if spec.force and _run_exists(path, spec.run_id):
         store.delete_run(path, spec.run_id)
     if spec.force:
-        from pipeline.reconstruct import remove_checkpoints
-
         remove_checkpoints(path, spec.run_id)
     ds = store.open_scan_store(path)
     cfg = spec.config
@@ -366,8 +371,7 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
             f"{path}: data.source = {source!r} but the store has no {source!r} array; "
             "run `ptyinr preprocess` (or pass --preprocess) or set data.source=intensities"
         )
-    # Pin the source: a `preprocessed` array replaced meanwhile must not silently become raw.
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": source})})
+    cfg = resolve_config(cfg, ds)  # engine settings and data source, decided once for all parts
     positions, geometry = store_geometry(ds, source, cfg)
     frame_shape = geometry.window_shape
     centres = geometry.window_centres_on_grid()
@@ -390,6 +394,10 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
     _begin_run_group(path, spec.run_id, attrs)
     return Prepared(
         config=cfg,
+        part_configs={
+            part: _with_seed(cfg, HALF_SEED_OFFSETS.get(part, 0))
+            for part in (PARTS if spec.frc else PARTS[:1])
+        },
         started=started_wall,
         seconds=time.perf_counter() - started,
         frame_shape=frame_shape,
@@ -406,16 +414,13 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
 @_stage("part")
 def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult:
     """One reconstruction on the shared grid, written to its own part of the run group."""
-    from pipeline.reconstruct import checkpoint_path, load_scan, reconstruct_store, run_attrs
-
     started = time.perf_counter()
-    cfg = prepared.config
+    cfg = prepared.part_configs[part]
     indices = None
     if part != "full":
         if prepared.halves is None:
             raise InputError(f"{spec.store}: no half split prepared for {part}")
         indices = prepared.halves[0 if part == "half_a" else 1]
-        cfg = _with_seed(cfg, HALF_SEED_OFFSETS[part])
     loaded = load_scan(spec.store, cfg)
     n = int(loaded.data.positions_px.shape[0])
     if loaded.data.frame_shape != prepared.frame_shape or n != prepared.n_positions:
@@ -424,13 +429,13 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
             f"{prepared.n_positions} of {prepared.frame_shape} when the run was prepared; "
             "expected the store not to change during a run"
         )
-    resumed = _checkpoint_epoch(checkpoint_path(spec.store, spec.run_id, part), cfg)
+    ckpt = checkpoint_path(spec.store, spec.run_id, part)
+    resumed = checkpoint_epoch(ckpt) if cfg.train.checkpoint_every else 0
     positions = loaded.data.positions_px if indices is None else loaded.data.positions_px[indices]
-    geometry = ScanGeometry.from_positions(
+    geometry = scan_geometry(
         positions,
         prepared.frame_shape,
-        padding_px=cfg.data.object_padding_px,
-        round_positions=cfg.train.positions == "round",
+        cfg,
         object_shape=prepared.object_shape,
         origin_px=prepared.origin_px,
     )
@@ -458,18 +463,6 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
         slurm_job_id=current_slurm_job_id(),
         resumed_from_epoch=resumed,
     )
-
-
-def _checkpoint_epoch(path: Path, cfg: ReconstructionConfig) -> int:
-    """Epoch of the checkpoint the trainer will resume from (0: none, or checkpoints off)."""
-    if not cfg.train.checkpoint_every or not path.is_file():
-        return 0
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
-    except Exception:  # unreadable: the trainer reports it with the path
-        return 0
 
 
 @_stage("frc")
@@ -538,16 +531,13 @@ def _write_results(
     half_b: PartResult | None,
     frc_ds: xr.Dataset | None,
 ) -> RunOutcome:
-    from pipeline import figures
-    from pipeline.reconstruct import remove_checkpoints
-
     started = time.perf_counter()
     parts = [p for p in (full, half_a, half_b) if isinstance(p, PartResult)]
     attrs: dict[str, Any] = dict(full.attrs)
     attrs.update(
         {
             "run_id": spec.run_id,
-            "created_by": "ptyinr run/scan (pipeline.graph)",
+            "created_by": "ptyinr run/scan (ptyinr.graph)",
             "label": dict(spec.label),
             "frc_requested": bool(spec.frc),
             "versions": _versions(full.attrs.get("versions")),

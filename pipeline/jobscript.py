@@ -23,12 +23,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from pipeline.cluster import REPO_ROOT, load_profile, parse_slurm_time, require_slurm_client
-from pipeline.errors import InputError
+from ptyinr.cluster import load_profile, parse_slurm_time, require_slurm_client
+from ptyinr.errors import InputError
 
-TEMPLATE = REPO_ROOT / "slurm" / "templates" / "driver.sh.in"
+#: The driver job template, package data of ``ptyinr.slurm`` (slurm/templates/ in the source).
+TEMPLATE: Traversable = resources.files("ptyinr.slurm") / "templates" / "driver.sh.in"
 ACTIONS = ("run", "scan")
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -121,8 +124,9 @@ def validate_driver_job(job: DriverJob) -> None:
             raise InputError(f"profile prologue line {line!r} holds a newline")
 
 
-def render_driver_script(job: DriverJob, template: Path | None = None) -> str:
-    """The driver script for JOB, from slurm/templates/driver.sh.in (or TEMPLATE)."""
+def render_driver_script(job: DriverJob, template: Path | Traversable | None = None) -> str:
+    """The driver script for JOB, from TEMPLATE (ptyinr.slurm's templates/driver.sh.in) or
+    the given template file."""
     validate_driver_job(job)
     directives = []
     if job.partition:
@@ -144,7 +148,7 @@ def render_driver_script(job: DriverJob, template: Path | None = None) -> str:
         "PYTHON": shlex.quote(job.python),
         "ARGS": " ".join(shlex.quote(a) for a in job.args),
     }
-    text = (template or TEMPLATE).read_text()
+    text = (template or TEMPLATE).read_text(encoding="utf-8")
 
     def substitute(match: re.Match[str]) -> str:
         key = match.group(1)

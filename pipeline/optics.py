@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import InputError
+from ptyinr.errors import InputError
 
 AIRY_FWHM = 1.028993969962188  # intensity FWHM of an Airy disk, in units of wavelength / (2 NA)
 

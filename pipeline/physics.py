@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.geometry import window_top_left
+from ptyinr.geometry import window_top_left
 
 
 def far_field_intensity(exit_wave: torch.Tensor) -> torch.Tensor:

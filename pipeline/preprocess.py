@@ -29,8 +29,8 @@ import xarray as xr
 import zarr
 from scipy import ndimage
 
-from pipeline import store as scan_store
-from pipeline.errors import InputError, StoreError
+from ptyinr import store as scan_store
+from ptyinr.errors import InputError, StoreError
 
 PRE_DIMS = ("scan", "pre_y", "pre_x")
 PRE_MASK = "preprocessed_mask"

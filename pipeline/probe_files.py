@@ -15,7 +15,7 @@ derived from the diffraction patterns. Users hand it in as a file, in one of the
 ``probe.h5:/path/to/dataset``
     That dataset of an HDF5 / CXI file (split at the last ``:`` followed by ``/``).
 ``scan.zarr:RUN_ID``
-    The ``probe`` of a complete reconstruction run of a scan store (pipeline.store); its pixel
+    The ``probe`` of a complete reconstruction run of a scan store (ptyinr.store); its pixel
     size comes from the probe coordinates when they are in metres.
 
 A probe with a leading mode axis (modes, y, x) gives its first (dominant) mode. When both the
@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-from pipeline import store
-from pipeline.errors import InputError
+from ptyinr import store
+from ptyinr.errors import InputError
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".cxi")
 NPY_SUFFIXES = (".npy", ".npz")

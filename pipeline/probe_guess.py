@@ -14,8 +14,8 @@ ring-structured disk tens of pixels wide, and a fit started from a 3-pixel spot 
   scan (a few tenths of a second each); the best one, refined and checked for the sign of the
   defocus, starts the reconstruction. The trial scores go into the run's record. Sparse scans
   (steps above a quarter of the window) cannot tell sizes apart and start focused.
-- "optics": a zone plate or lens from the `[probe]` section (pipeline.optics).
-- "file": a guess from a file or another run (pipeline.probe_files).
+- "optics": a zone plate or lens from the `[probe]` section (ptyinr.optics).
+- "file": a guess from a file or another run (ptyinr.probe_files).
 - "random": the paper's uniform random start.
 """
 
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline import optics
-from pipeline.config import ProbeConfig, ReconstructionConfig
-from pipeline.errors import InputError
-from pipeline.geometry import energy_ev_to_wavelength_m, object_pixel_size_m
-from pipeline.physics import ScanGeometry, fourier_shift
+from ptyinr import optics
+from ptyinr.config import ProbeConfig, ReconstructionConfig
+from ptyinr.errors import InputError
+from ptyinr.geometry import energy_ev_to_wavelength_m, object_pixel_size_m
+from ptyinr.physics import ScanGeometry, fourier_shift
 
 TRIAL_POSITIONS = 32  # positions of the compact patch the defocus trials fit
 TRIAL_ITERATIONS = 12  # error-reduction iterations per trial
@@ -255,8 +255,8 @@ def probe_from_optics(
 def probe_from_file(
     source: str | None, frame_shape: tuple[int, int], pixel_size_m: tuple[float, float] | None
 ) -> ProbeStart:
-    """A guess from a file or a run (pipeline.probe_files), on this scan's probe grid."""
-    from pipeline.probe_files import load_probe_guess
+    """A guess from a file or a run (ptyinr.probe_files), on this scan's probe grid."""
+    from ptyinr.probe_files import load_probe_guess
 
     if not source:
         raise InputError(

@@ -1,9 +1,11 @@
 """One reconstruction of one scan store, from the store back into the store.
 
 This is the unit of work every front end shares (`ptyinr reconstruct`, the Dask graph of
-`ptyinr run`/`scan`, SLURM workers): read the frames and positions, train, write
-`reconstructions/<run_id>` (object, probe, loss, resolved config, timings, versions,
-quality against ground truth when the store has it), mark it complete last.
+`ptyinr run`/`scan`, SLURM workers): resolve the configuration once (`resolve_config`: the
+engine's own settings, the data source), read the frames and positions, fit with the engine
+`model.method` names (ptyinr.launch), write `reconstructions/<run_id>` (object, probe, loss,
+resolved config, timings, versions, quality against ground truth when the store has it), mark
+it complete last.
 Checkpoints live in the store too (`checkpoints/<run_id>/<part>.pt`, outside the Zarr
 hierarchy) so a resubmitted run resumes where it stopped; they and their folder go once
 the run is complete, leaving a pure Zarr store.
@@ -15,19 +17,18 @@ import datetime as dt
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from pipeline import evaluate, store
-from pipeline.config import ReconstructionConfig
-from pipeline.errors import InputError
-from pipeline.memory import StoreFrames
-from pipeline.physics import ScanGeometry
-from pipeline.train import Reconstruction, ScanData, Trainer
+from ptyinr import evaluate, store
+from ptyinr.config import ReconstructionConfig
+from ptyinr.errors import InputError
+from ptyinr.launch import engine_config, fit
+from ptyinr.physics import ScanGeometry
+from ptyinr.scandata import LoadedScan, Reconstruction, load_scan
 
 CHECKPOINTS = "checkpoints"
 
@@ -37,70 +38,20 @@ def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-@dataclass
-class LoadedScan:
-    """A store's data ready for training, plus what evaluation needs from the store."""
-
-    path: Path
-    dataset: xr.Dataset
-    data: ScanData
-    source: str
-
-
-def store_geometry(
-    ds: xr.Dataset, source: str, config: ReconstructionConfig
-) -> tuple[np.ndarray, ScanGeometry]:
-    """Pixel positions and scan geometry of a store's `source` frames under `config`
-    (padding, position rounding), from metadata alone: no frame is read."""
-    frame_shape = (int(ds[source].shape[1]), int(ds[source].shape[2]))
-    positions = store.positions_px(ds, frame_shape)
-    geometry = ScanGeometry.from_positions(
-        positions,
-        frame_shape,
-        padding_px=config.data.object_padding_px,
-        round_positions=config.train.positions == "round",
-    )
-    return positions, geometry
-
-
-def load_scan(path: str | Path, config: ReconstructionConfig, lazy: bool = False) -> LoadedScan:
-    """Open and validate a store, and bring the configured frames into memory (`lazy`: leave
-    them in the store, read on demand: the trainer streams or loads them, pipeline.memory)."""
-    path = Path(path)
-    ds = store.open_scan_store(path)
-    source = store.resolve_source(ds, config.data.source)
-    if lazy:
-        if source not in ds:
-            store.load_frames(ds, source=source, indices=[])  # its error names the problem
-        frames: Any = StoreFrames(str(path), source)
-    else:
-        frames = store.load_frames(ds, source=source)
-    frame_shape = (int(frames.shape[1]), int(frames.shape[2]))
-    positions = store.positions_px(ds, frame_shape)
-    pixel = store.object_pixel_size(ds, frame_shape)
-    if ds.attrs.get("positions_unit") == "px":
-        pixel = None
-    mask_name = "preprocessed_mask" if source == "preprocessed" else "mask"
-    bad = np.asarray(ds[mask_name].values, bool) if mask_name in ds else None
-    data = ScanData(
-        frames,
-        positions,
-        bad_pixels=bad,
-        pixel_size=pixel,
-        wavelength_m=_positive_attr(ds, "wavelength_m"),
-        detector_distance_m=_positive_attr(ds, "detector_distance_m"),
-        detector_pixel_size_m=_positive_attr(ds, "detector_pixel_size_m"),
-    )
-    return LoadedScan(path=path, dataset=ds, data=data, source=source)
-
-
-def _positive_attr(ds: xr.Dataset, key: str) -> float | None:
-    """A positive, finite number from the store's attrs, else None (not recorded)."""
-    try:
-        value = float(ds.attrs.get(key))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) and value > 0 else None
+def resolve_config(
+    config: ReconstructionConfig, ds: xr.Dataset | None = None
+) -> ReconstructionConfig:
+    """The configuration a run runs and records, decided once: the engine's own settings
+    (e.g. `pixels` pins pixel representations) and, given the store, the data source that
+    `data.source = auto` resolves to (a `preprocessed` array added meanwhile must not
+    silently replace the raw frames of a run in progress)."""
+    config = engine_config(config)
+    if ds is not None:
+        source = store.resolve_source(ds, config.data.source)
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"source": source})}
+        )
+    return config
 
 
 def load_probe_file(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarray:
@@ -173,36 +124,27 @@ def reconstruct_store(
 
     With `subgroup` (e.g. FRC halves) the result goes to `reconstructions/<run_id>/<subgroup>`
     and the caller marks the run complete when all its parts are written. `world_size` > 1
-    trains data-parallel (pipeline.parallel): on that many Dask workers of `client` when given,
+    trains data-parallel (ptyinr.launch): on that many Dask workers of `client` when given,
     else in local processes (one GPU each when train.device is CUDA).
     """
     started = time.perf_counter()
     loaded = loaded or load_scan(path, config, lazy=world_size > 1 or client is not None)
+    config = resolve_config(config, loaded.dataset)
     run_id = run_id or new_run_id()
     data = loaded.data if indices is None else loaded.data.subset(np.asarray(indices))
     part = subgroup or "full"
     ckpt = checkpoint_path(loaded.path, run_id, part)
-    if world_size > 1 or client is not None:
-        from pipeline import parallel
-
-        result = parallel.fit_parallel(
-            data,
-            config,
-            world_size,
-            client=client,
-            known_probe=known_probe,
-            geometry=geometry,
-            checkpoint_path=ckpt if config.train.checkpoint_every else None,
-            progress=progress,
-            description=f"{loaded.path.name} {part}",
-        )
-    else:
-        trainer = Trainer(data, config, known_probe=known_probe, geometry=geometry)
-        result = trainer.fit(
-            checkpoint_path=ckpt if config.train.checkpoint_every else None,
-            progress=progress,
-            description=f"{loaded.path.name} {part}",
-        )
+    result = fit(
+        data,
+        config,
+        known_probe=known_probe,
+        geometry=geometry,
+        checkpoint_path=ckpt if config.train.checkpoint_every else None,
+        progress=progress,
+        description=f"{loaded.path.name} {part}",
+        world_size=world_size,
+        client=client,
+    )
     scores = quality(result, loaded.dataset) if subgroup is None else {}
     result.info["quality"] = scores
     result.info["wall_seconds"] = time.perf_counter() - started

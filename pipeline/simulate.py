@@ -3,7 +3,7 @@
 Object: amplitude from one image and phase from another, both shipped with scikit-image.
 Probe: a zone-plate-like focus (annular pupil with central stop, small defocus) so it has
 rings and real phase structure, or (`probe = "zone_plate"`) a real zone plate's beam at a
-given distance from its focus (pipeline.optics), as nanoprobe beamlines use it. Scans: raster
+given distance from its focus (ptyinr.optics), as nanoprobe beamlines use it. Scans: raster
 with step set by the overlap ratio 1 - step / width (the focus' intensity FWHM, or the diameter
 holding 90 % of a defocused beam's intensity), Fermat spiral, or jittered raster. Noise:
 equations (6)-(8) with negatives clipped, or `counts`: Poisson photon counts of the given dose,
@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from skimage import data as skdata
 from skimage.transform import resize
 
-from pipeline.geometry import energy_ev_to_wavelength_m, object_pixel_size_m
-from pipeline.optics import beam_diameter_px, probe_fwhm_px, zone_plate_probe
+from ptyinr.geometry import energy_ev_to_wavelength_m, object_pixel_size_m
+from ptyinr.optics import beam_diameter_px, probe_fwhm_px, zone_plate_probe
 
 GOLDEN_ANGLE = np.pi * (3.0 - np.sqrt(5.0))
 
@@ -50,7 +50,7 @@ class SimulationConfig(BaseModel):
     probe: Literal["focus", "zone_plate"] = Field(
         "focus",
         description="focus: the paper's annular focus of `focus_fwhm_px`; zone_plate: a zone "
-        "plate's beam `defocus_m` from its focus (pipeline.optics)",
+        "plate's beam `defocus_m` from its focus (ptyinr.optics)",
     )
     focus_fwhm_px: float = Field(5.0, gt=1, description="design focal-spot FWHM in pixels")
     defocus_waves: float = Field(0.5, description="defocus phase at the pupil edge, in waves")
@@ -162,7 +162,7 @@ def clean_intensities(obj: np.ndarray, probe: np.ndarray, positions_px: np.ndarr
     """Noise-free centred intensities through the physics forward model (float32)."""
     import torch
 
-    from pipeline.physics import ScanGeometry, forward_intensity
+    from ptyinr.physics import ScanGeometry, forward_intensity
 
     geometry = ScanGeometry.from_positions(
         positions_px, probe.shape, object_shape=obj.shape, origin_px=(0, 0)
@@ -226,7 +226,7 @@ def write_simulated_store(
     path: str | Path, config: SimulationConfig, overwrite: bool = False
 ) -> Path:
     """Simulate and write a scan store with ground truth (`true_object`, `true_probe`)."""
-    from pipeline import store
+    from ptyinr import store
 
     sim = simulate_scan(config)
     sy, sx = sim["pixel_size_m"]  # type: ignore[misc]

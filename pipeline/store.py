@@ -8,7 +8,7 @@ Layout (see DESIGN.md, "Zarr store"):
                 centred; chunk = 1 frame, shard = many frames, blosc zstd + bitshuffle
   positions     (scan, axis)          float64, axis = ["y", "x"], metres or pixels
   mask          (det_y, det_x)        bool, optional: True marks a bad / dead pixel
-  preprocessed  (scan, pre_y, pre_x)  float32, optional, written by pipeline.preprocess
+  preprocessed  (scan, pre_y, pre_x)  float32, optional, written by ptyinr.preprocess
   attrs         schema_version, wavelength_m, detector_distance_m, detector_pixel_size_m,
                 positions_unit ("m" | "px"), scan_id, source, source_sha256, ...
   reconstructions/<run_id>[/<subgroup>]   results written back by the pipeline
@@ -38,8 +38,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.errors import StoreError
-from pipeline.geometry import object_pixel_size_m
+from ptyinr.errors import StoreError
+from ptyinr.geometry import object_pixel_size_m
 
 SCHEMA_VERSION = 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.batching import epoch_batches, local_batches, random_batches, resolve_batch_size
+from ptyinr.batching import epoch_batches, local_batches, random_batches, resolve_batch_size
 
 
 def _raster(n: int, step: float = 9.0) -> np.ndarray:

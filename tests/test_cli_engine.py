@@ -16,9 +16,9 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline import store
-from pipeline.config import load_config
+from ptyinr import store
+from ptyinr.cli.main import app
+from ptyinr.config import load_config
 
 TINY_TOML = """
 [simulate]
@@ -125,8 +125,12 @@ def test_simulate_reconstruct_evaluate_show(tiny):
     assert run["probe"].shape == (16, 16)
     assert run["object"]["y"].attrs["units"] == "m"
     assert run.sizes["epoch"] == 3
-    expected = load_config(preset, ["train.epochs=3"]).model_dump()
-    assert run.attrs["config"] == json.loads(json.dumps(expected))
+    expected = load_config(preset, ["train.epochs=3"])
+    # recorded as resolved: data.source = auto became the array the run read
+    expected = expected.model_copy(
+        update={"data": expected.data.model_copy(update={"source": "intensities"})}
+    )
+    assert run.attrs["config"] == json.loads(json.dumps(expected.model_dump()))
     # the object grid covers the scanned windows, in the store's metres
     pixel = store.object_pixel_size(ds, (16, 16))
     np.testing.assert_allclose(np.diff(run["object"]["x"].values), pixel[1], rtol=1e-9)
@@ -165,7 +169,7 @@ def test_a_finished_run_leaves_no_checkpoint_folder(tiny, recwarn):
 
 
 def test_removing_one_runs_checkpoints_keeps_the_others(tmp_path):
-    from pipeline.reconstruct import checkpoint_path, remove_checkpoints
+    from ptyinr.reconstruct import checkpoint_path, remove_checkpoints
 
     for run in ("a", "b"):
         checkpoint_path(tmp_path, run).parent.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""pipeline.cluster: specs, profiles, sizing, resources, clear errors; live local clusters."""
+"""ptyinr.cluster: specs, profiles, sizing, resources, clear errors; live local clusters."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import cluster
-from pipeline.cluster import (
+from ptyinr import cluster
+from ptyinr.cluster import (
     ClusterSpec,
     connect,
     lifetime_args,
@@ -23,7 +23,7 @@ from pipeline.cluster import (
     slurm_job_ids,
     task_resources,
 )
-from pipeline.errors import ConfigError, InputError
+from ptyinr.errors import ConfigError, InputError
 
 GOOD_PROFILE = """\
 jobqueue:
@@ -50,7 +50,7 @@ def profile_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _app():  # imported lazily: workers unpickling this module's functions skip the CLI
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     return app
 
@@ -172,7 +172,7 @@ def test_user_profile_overrides_bundled_one(profile_dir: Path) -> None:
     prof = load_profile("gpu-node")
     assert prof.path == profile_dir / "gpu-node.yaml"
     assert prof.jobqueue["cores"] == 2 and prof.options["maximum_jobs"] == 3
-    assert load_profile("local-test").path.parent == cluster.BUNDLED_PROFILES
+    assert load_profile("local-test").path.parent == cluster.bundled_profiles_dir()
     assert load_profile(str(profile_dir / "gpu-node.yaml")).jobqueue["cores"] == 2
 
 
@@ -346,7 +346,7 @@ def test_task_resources_before_workers_arrive() -> None:
 def test_profile_file_dirs_order(profile_dir: Path, tmp_path: Path) -> None:
     dirs = cluster.profile_dirs()
     assert dirs[0] == profile_dir
-    assert dirs[-1] == cluster.BUNDLED_PROFILES
+    assert dirs[-1] == cluster.bundled_profiles_dir()
     assert Path(tmp_path / "home" / ".config/ptyinr/profiles") in dirs
     text = textwrap.dedent(GOOD_PROFILE)
     (profile_dir / "x.yml").write_text(text)
@@ -354,8 +354,8 @@ def test_profile_file_dirs_order(profile_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_status_shows_runs_of_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without squeue it says so, and still lists the runs through pipeline.store.list_runs."""
-    import cli.slurm
+    """Without squeue it says so, and still lists the runs through ptyinr.store.list_runs."""
+    from ptyinr.cli import slurm as cli_slurm
 
     def fake_list_runs(path: Path) -> list[dict[str, object]]:
         if path.name == "bad.zarr":
@@ -365,13 +365,13 @@ def test_cli_status_shows_runs_of_stores(tmp_path: Path, monkeypatch: pytest.Mon
         ]
 
     monkeypatch.setenv("PATH", _path_without_slurm(tmp_path))
-    monkeypatch.setattr(cli.slurm, "_list_runs_hook", lambda: fake_list_runs)
+    monkeypatch.setattr(cli_slurm, "_list_runs_hook", lambda: fake_list_runs)
     result = CliRunner().invoke(_app(), ["status", "a.zarr"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "squeue not found" in result.output
     assert "r1" in result.output and "complete" in result.output and "3e-08" in result.output
     bad = CliRunner().invoke(_app(), ["status", "bad.zarr"])
     assert bad.exit_code == 2 and "not a scan store" in bad.output
-    monkeypatch.setattr(cli.slurm, "_list_runs_hook", lambda: None)
+    monkeypatch.setattr(cli_slurm, "_list_runs_hook", lambda: None)
     missing = CliRunner().invoke(_app(), ["status", "a.zarr"])
     assert missing.exit_code == 0 and "list_runs" in missing.output

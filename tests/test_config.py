@@ -8,7 +8,7 @@ import tomllib
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import (
+from ptyinr.config import (
     ReconstructionConfig,
     list_presets,
     load_config,
@@ -16,8 +16,8 @@ from pipeline.config import (
     preset_path,
     simulate_section,
 )
-from pipeline.errors import ConfigError, InputError
-from pipeline.simulate import SimulationConfig
+from ptyinr.errors import ConfigError, InputError
+from ptyinr.simulate import SimulationConfig
 
 PAPER_CASES = [
     "paper-clean-40",

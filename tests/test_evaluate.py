@@ -1,4 +1,4 @@
-"""Tests of pipeline.evaluate: cases with known answers, computed independently."""
+"""Tests of ptyinr.evaluate: cases with known answers, computed independently."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import xarray as xr
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio
 
-from pipeline import evaluate as ev
-from pipeline.errors import InputError
+from ptyinr import evaluate as ev
+from ptyinr.errors import InputError
 
 # ---------------------------------------------------------------------------------------------
 # fixtures: small synthetic images

@@ -1,4 +1,4 @@
-"""Mixed precision of the object networks (pipeline.fastpaths, models.siren)."""
+"""Mixed precision of the object networks (ptyinr.fastpaths, models.siren)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 import xarray as xr
 
-from pipeline import evaluate, fastpaths
-from pipeline.config import load_config
-from pipeline.models.fields import build_object_field
-from pipeline.models.siren import Siren
-from pipeline.simulate import SimulationConfig, simulate_scan
-from pipeline.train import ScanData, reconstruct
+from ptyinr import evaluate
+from ptyinr.config import load_config
+from ptyinr.launch import fit
+from ptyinr.models.fields import build_object_field
+from ptyinr.models.siren import Siren
+from ptyinr.runtime import precision as fastpaths
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
 
 
 def _coords(n: int = 2048) -> torch.Tensor:
@@ -160,7 +162,7 @@ def test_prepare_object_field_per_network_kind(kind: str) -> None:
     field = build_object_field((20, 24), cfg.model)
     cpu = torch.device("cpu")
     dtype = fastpaths.prepare_object_field(
-        field, cfg.performance, cpu, fastpaths.resolve_precision(cfg, cpu)
+        field, fastpaths.resolve_precision(cfg, cpu), cfg.performance.compile
     )
     if kind == "siren":
         assert dtype is None  # the SIRENs cast their hidden layers themselves
@@ -198,7 +200,7 @@ def test_bf16_known_probe_reconstruction_matches_fp32() -> None:
                 f"performance.precision={precision}",
             ]
         )
-        result = reconstruct(data, cfg, known_probe=np.asarray(sim["probe"]), progress=False)
+        result = fit(data, cfg, known_probe=np.asarray(sim["probe"]), progress=False)
         assert result.info["object_precision"] == precision  # recorded with the run
         interior = evaluate.scanned_interior(
             result.geometry.object_shape, result.geometry.window_centres_on_grid()

@@ -1,4 +1,4 @@
-"""Tests of pipeline.figures: each figure is written as a real, non-trivial PNG."""
+"""Tests of ptyinr.figures: each figure is written as a real, non-trivial PNG."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import evaluate as ev
-from pipeline import figures as fg
-from pipeline.errors import InputError
+from ptyinr import evaluate as ev
+from ptyinr import figures as fg
+from ptyinr.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""pipeline.graph: the per-store Dask graph on a real 2-worker LocalCluster (processes).
+"""ptyinr.graph: the per-store Dask graph on a real 2-worker LocalCluster (processes).
 
 One cluster serves the whole module. The data are tiny simulated scans (40 x 40 object,
 16 x 16 frames, 121 positions) and a small, fast model, so a run takes seconds.
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import evaluate, graph, store
-from pipeline.config import load_config
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from ptyinr import evaluate, graph, store
+from ptyinr.config import load_config
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 FAST = [
     "model.siren_width=32",
@@ -56,7 +56,7 @@ def make_corrupt_store(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def client():
-    from pipeline.cluster import connect
+    from ptyinr.cluster import connect
 
     with connect("local", n_workers=2, dashboard_address=None, quiet=True) as c:
         c.wait_for_workers(2, timeout=60)
@@ -300,7 +300,7 @@ def test_scan_summary_has_a_dim_per_grid_key(tmp_path: Path) -> None:
 def test_a_run_on_slurm_gpu_workers_records_their_job_ids(data: Path, tmp_path: Path) -> None:
     """On the single-node test SLURM (2 fake GPUs): reconstructions ask for GPU=1, each
     worker is a SLURM job, and the run records the jobs that ran it."""
-    from pipeline.cluster import connect, task_resources
+    from ptyinr.cluster import connect, task_resources
 
     spec = graph.RunSpec(store=data, config=load_config(overrides=FAST), run_id="on-slurm")
     with connect(

@@ -16,11 +16,11 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.errors import IngestError
-from pipeline.geometry import object_pixel_size_m
-from pipeline.ingest import Conversions, detect_format, ingest_file, load_readers
-from pipeline.ingest import hdf5 as h5reader
+from ptyinr import store
+from ptyinr.errors import IngestError
+from ptyinr.geometry import object_pixel_size_m
+from ptyinr.ingest import Conversions, detect_format, ingest_file, load_readers
+from ptyinr.ingest import hdf5 as h5reader
 
 WAVELENGTH = 1.5e-10
 DISTANCE = 2.0

@@ -11,9 +11,9 @@ import pytest
 from test_ingest import export_cxi, export_npz, export_ptyinr, simulate
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline import store
-from pipeline.ingest import ingest_archive, read_catalog
+from ptyinr import store
+from ptyinr.cli.main import app
+from ptyinr.ingest import ingest_archive, read_catalog
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_archive_on_local_cluster(tmp_path, scan):
 
 
 def test_archive_glob_matching_nothing(tmp_path):
-    from pipeline.errors import IngestError
+    from ptyinr.errors import IngestError
 
     with pytest.raises(IngestError, match="matches no files"):
         ingest_archive(str(tmp_path / "*.h5"), tmp_path / "out")

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import InputError
-from pipeline.jobscript import (
+from ptyinr.errors import InputError
+from ptyinr.jobscript import (
     DriverJob,
     driver_job,
     normalise_job_name,
@@ -113,7 +113,7 @@ def test_plain_script_runs_the_command(tmp_path: Path, stub: Path) -> None:
     job = base_job(tmp_path, stub)
     script = render_driver_script(job)
     seen = run_script(script, tmp_path)
-    assert seen["argv"] == ["-m", "cli.main", "run", "a.zarr"]
+    assert seen["argv"] == ["-m", "ptyinr", "run", "a.zarr"]
     assert seen["cwd"] == str(job.workdir)
     env = seen["env"]
     assert isinstance(env, dict)
@@ -144,7 +144,7 @@ def test_hostile_arguments_env_and_paths_stay_data(
     script = render_driver_script(job)
     seen = run_script(script, tmp_path)
     assert not canary.exists()
-    assert seen["argv"] == ["-m", "cli.main", "run", *values]
+    assert seen["argv"] == ["-m", "ptyinr", "run", *values]
     env = seen["env"]
     assert isinstance(env, dict)
     for i, value in enumerate(values):
@@ -249,7 +249,7 @@ def test_driver_job_from_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_cli_dry_run_prints_a_valid_script(tmp_path: Path, canary: Path) -> None:
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     hostile_path = f"scan $(touch {canary}).zarr"
     result = CliRunner().invoke(
@@ -279,7 +279,8 @@ def test_cli_dry_run_prints_a_valid_script(tmp_path: Path, canary: Path) -> None
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     last = script.strip().splitlines()[-1]
     words = shlex.split(last)
-    assert words[words.index("cli.main") + 1 :] == [
+    assert words[words.index("-m") + 1 :] == [
+        "ptyinr",
         "run",
         hostile_path,
         "--set",
@@ -305,7 +306,7 @@ def test_cli_dry_run_prints_a_valid_script(tmp_path: Path, canary: Path) -> None
 def test_cli_refuses_bad_values_with_exit_2(
     tmp_path: Path, option: str, value: str, message: str
 ) -> None:
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     result = CliRunner().invoke(
         app, ["submit", "run", "a.zarr", "--profile", "local-test", "--dry-run", option, value]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, load_config
-from pipeline.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
-from pipeline.models.hashgrid import HashGridEncoding, HashGridMLP, level_resolutions
-from pipeline.models.siren import Siren
+from ptyinr.config import ModelConfig, load_config
+from ptyinr.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
+from ptyinr.models.hashgrid import HashGridEncoding, HashGridMLP, level_resolutions
+from ptyinr.models.siren import Siren
 
 PRIME_Y = 2654435761
 
@@ -404,7 +404,7 @@ def test_hash_mlp_outputs_one_value_per_coordinate():
 def test_sine_layer_is_sin_of_omega_times_affine_with_its_gradients() -> None:
     """omega is folded into weight and bias for speed: same values and same parameter
     gradients as sin(omega * (W x + b)), computed independently in float64."""
-    from pipeline.models.siren import SineLayer
+    from ptyinr.models.siren import SineLayer
 
     torch.manual_seed(0)
     layer = SineLayer(64, 32, omega=30.0, is_first=False)

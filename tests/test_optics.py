@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import optics
-from pipeline.errors import InputError
-from pipeline.physics import far_field_intensity
+from ptyinr import optics
+from ptyinr.errors import InputError
+from ptyinr.physics import far_field_intensity
 
 WAVELENGTH = 1.2398e-10  # 10 keV
 PIXEL = (10e-9, 10e-9)

@@ -12,21 +12,15 @@ import torch
 import torch.distributed as dist
 from tiny import TINY_MODEL
 
-from pipeline.config import load_config
-from pipeline.errors import InputError
-from pipeline.parallel import (
-    ParallelContext,
-    choose_ranks,
-    fit_spawned,
-    morton_key,
-    reconstruct_distributed,
-    split_batch,
-)
-from pipeline.physics import ScanGeometry
-from pipeline.plan import union_size
-from pipeline.reconstruct import reconstruct_store
-from pipeline.simulate import SimulationConfig, simulate_scan, write_simulated_store
-from pipeline.train import ScanData, Trainer
+from ptyinr.config import load_config
+from ptyinr.errors import InputError
+from ptyinr.launch import build_engine, choose_ranks, fit_spawned
+from ptyinr.physics import ScanGeometry
+from ptyinr.reconstruct import reconstruct_store
+from ptyinr.runtime.collectives import ParallelContext, morton_key, split_batch
+from ptyinr.runtime.plan import union_size
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan, write_simulated_store
 
 TINY = [
     *TINY_MODEL,
@@ -111,7 +105,7 @@ def test_two_gloo_processes_equal_one_process(scan: ScanData) -> None:
     cfg = load_config(overrides=[*TINY, "train.batch_size=33"])
     # a given grid (as FRC halves share the full scan's) must reach every rank
     grid = ScanGeometry.from_positions(scan.positions_px, scan.frame_shape, padding_px=3)
-    one = Trainer(scan, cfg, geometry=grid).fit(progress=False)
+    one = build_engine(scan, cfg, geometry=grid).fit(progress=False)
     two = fit_spawned(scan, cfg, 2, geometry=grid, progress=False, threads_per_process=1)
     assert two.info["processes"] == 2 and one.info["processes"] == 1
     assert two.object.shape == grid.object_shape
@@ -135,7 +129,9 @@ def test_dask_workers_equal_one_process(tmp_path: Path) -> None:
         ) as cluster,
         Client(cluster) as client,
     ):
-        _, two = reconstruct_distributed(client, path, cfg, 2, run_id="two", progress=False)
+        _, two = reconstruct_store(
+            path, cfg, world_size=2, client=client, run_id="two", progress=False
+        )
     assert two.info["processes"] == 2
     np.testing.assert_allclose(two.loss.values, one.loss.values, rtol=1e-4)
     assert _relative(two.object.values, one.object.values) < 1e-3

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.physics import ScanGeometry, far_field_intensity, forward_intensity, fourier_shift
+from ptyinr.physics import ScanGeometry, far_field_intensity, forward_intensity, fourier_shift
 
 
 def _random_complex(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

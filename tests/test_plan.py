@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline import plan
-from pipeline.config import load_config
-from pipeline.memory import StoreFrames
-from pipeline.models.fields import build_object_field, build_probe_field
-from pipeline.physics import ScanGeometry
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from ptyinr.cli.main import app
+from ptyinr.config import load_config
+from ptyinr.models.fields import build_object_field, build_probe_field
+from ptyinr.physics import ScanGeometry
+from ptyinr.runtime import plan
+from ptyinr.scandata import StoreFrames
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 # 144 positions of 32 x 32 on a 120 x 120 object: the SIREN activations dominate the peak
 MEASURED = SimulationConfig(object_size=120, probe_size=32, focus_fwhm_px=4, overlap=-1.0)
@@ -82,7 +82,7 @@ _CHILD = textwrap.dedent(
     import json, sys
     import torch
     torch.set_num_threads(2)
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     def status(key):
         with open("/proc/self/status") as fh:
@@ -144,7 +144,7 @@ def test_plan_prints_without_reading_frames(
         raise AssertionError("--plan read frames")
 
     runs = sorted((measured_store / "reconstructions").glob("*"))
-    monkeypatch.setattr("pipeline.store.load_frames", refuse)
+    monkeypatch.setattr("ptyinr.store.load_frames", refuse)
     monkeypatch.setattr(StoreFrames, "read", refuse)
     result = CliRunner().invoke(
         app, ["reconstruct", str(measured_store), "--plan", "--set", "train.batch_size=16"]
@@ -259,7 +259,7 @@ def test_plan_offers_the_bfloat16_modes_where_they_are_native(
     """A float32 plan on a device with native bf16 shows what the faster modes would take;
     nothing is offered without native bf16 or when a bf16 mode is chosen (auto chooses bf16
     for mini-batches of a wide SIREN, float32 for full batch)."""
-    from pipeline import fastpaths
+    from ptyinr.runtime import precision as fastpaths
 
     axis = np.arange(12) * 4.0 + 16.25
     positions = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)

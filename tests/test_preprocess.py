@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.errors import InputError, StoreError
-from pipeline.geometry import object_pixel_size_m
-from pipeline.preprocess import (
+from ptyinr import store
+from ptyinr.errors import InputError, StoreError
+from ptyinr.geometry import object_pixel_size_m
+from ptyinr.preprocess import (
     PreprocessOptions,
     centre_of_mass,
     detect_bad_pixels,

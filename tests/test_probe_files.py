@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import store
-from pipeline.errors import InputError
-from pipeline.probe_files import (
+from ptyinr import store
+from ptyinr.errors import InputError
+from ptyinr.probe_files import (
     HDF5_PROBE_PATHS,
     ProbeGuess,
     centre_crop_or_pad,
     load_probe_guess,
 )
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 SHAPE = (16, 16)
 

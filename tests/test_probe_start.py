@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate, optics
-from pipeline.config import load_config
-from pipeline.errors import InputError
-from pipeline.probe_guess import (
+from ptyinr import evaluate, optics
+from ptyinr.config import load_config
+from ptyinr.errors import InputError
+from ptyinr.launch import build_engine
+from ptyinr.probe_guess import (
     TrialData,
     compact_patch,
     error_reduction_loss,
     probe_from_data,
 )
-from pipeline.reconstruct import load_scan, quality
-from pipeline.simulate import SimulationConfig, simulate_scan, write_simulated_store
-from pipeline.train import Trainer
+from ptyinr.reconstruct import load_scan, quality
+from ptyinr.simulate import SimulationConfig, simulate_scan, write_simulated_store
 
 # 10 keV, 32 px of 75 um at 1.3 m: 67 nm object pixels; NA 3.7e-4 (pupil radius ~0.2 cycles
 # per pixel); 1.3 mm downstream of the focus the beam is ~14 px wide.
@@ -81,7 +81,7 @@ def test_data_start_finds_the_beam_size_of_a_defocused_probe() -> None:
     intensities = np.asarray(sim["intensities"], np.float32)
     positions = np.asarray(sim["positions_px"])
     true_probe = np.asarray(sim["probe"])
-    from pipeline.physics import ScanGeometry
+    from ptyinr.physics import ScanGeometry
 
     patch = compact_patch(positions, 32)
     scale = intensities.max()
@@ -108,7 +108,7 @@ def test_sparse_scan_starts_focused() -> None:
     sim = simulate_scan(SimulationConfig(object_size=96, probe_size=32, overlap=-5.0))
     intensities = np.asarray(sim["intensities"], np.float32)
     positions = np.asarray(sim["positions_px"])
-    from pipeline.physics import ScanGeometry
+    from ptyinr.physics import ScanGeometry
 
     patch = compact_patch(positions, 32)
     trial = TrialData(
@@ -125,20 +125,20 @@ def test_optics_start_needs_its_geometry(defocused_store: Path) -> None:
     cfg = load_config(None, [*SMALL_MODEL, "model.probe_init=optics"])
     loaded = load_scan(defocused_store, cfg)
     with pytest.raises(InputError, match="diameter_m"):
-        Trainer(loaded.data, cfg)
+        build_engine(loaded.data, cfg)
 
 
 def test_file_start_without_a_file_is_refused(defocused_store: Path) -> None:
     cfg = load_config(None, [*SMALL_MODEL, "model.probe_init=file"])
     loaded = load_scan(defocused_store, cfg)
     with pytest.raises(InputError, match="--probe-guess"):
-        Trainer(loaded.data, cfg)
+        build_engine(loaded.data, cfg)
 
 
 def test_optics_start_is_the_simulated_probe(defocused_store: Path) -> None:
     cfg = load_config(None, [*SMALL_MODEL, *PROBE_SECTION])
     loaded = load_scan(defocused_store, cfg)
-    trainer = Trainer(loaded.data, cfg)
+    trainer = build_engine(loaded.data, cfg)
     start = trainer.probe_start.probe
     truth = loaded.dataset["true_probe"].values
     assert evaluate.compare_probe(start, truth)["probe_relative_error"] < 0.02
@@ -151,7 +151,7 @@ def test_beamline_file_ingests_and_starts_from_optics(tmp_path: Path) -> None:
     and detector geometry from the file)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     raw, out = tmp_path / "raw.h5", tmp_path / "ingested.zarr"
     ref = tmp_path / "ref.zarr"
@@ -173,7 +173,7 @@ def test_beamline_file_ingests_and_starts_from_optics(tmp_path: Path) -> None:
         app, ["ingest", str(raw), str(out), "--dc", "auto", "--positions-unit", "px", *keys]
     )
     assert done.exit_code == 0, done.output
-    from pipeline import store
+    from ptyinr import store
 
     ingested, reference = store.open_scan_store(out), store.open_scan_store(ref)
     np.testing.assert_array_equal(
@@ -181,7 +181,7 @@ def test_beamline_file_ingests_and_starts_from_optics(tmp_path: Path) -> None:
     )  # the corner DC was found and moved to the centre
     assert ingested.attrs["positions_unit"] == "px"
     cfg = load_config(None, [*SMALL_MODEL, *PROBE_SECTION, "model.probe=pixels"])
-    trainer = Trainer(load_scan(out, cfg).data, cfg)
+    trainer = build_engine(load_scan(out, cfg).data, cfg)
     truth = reference["true_probe"].values
     assert evaluate.compare_probe(trainer.probe_start.probe, truth)["probe_relative_error"] < 0.02
 
@@ -216,7 +216,7 @@ def test_refined_probe_guess_moves_toward_the_truth(defocused_store: Path, tmp_p
         [*SMALL_MODEL, "model.probe=pixels", "model.probe_init=file", f"probe.guess={guess}",
          "train.epochs=80", "train.lr_object=2e-3", "train.lr_probe=1e-2"],
     )
-    trainer = Trainer(loaded.data, cfg)
+    trainer = build_engine(loaded.data, cfg)
     result = trainer.fit(progress=False)
     before = evaluate.compare_probe(wrong, truth)["probe_relative_error"]
     after = evaluate.compare_probe(result.probe.values, truth)["probe_relative_error"]
@@ -229,7 +229,7 @@ def test_defocused_scan_reconstructs_from_the_optics_start(defocused_store: Path
     """Unknown probe, optics start, default learning-rate schedule: a recognisable object."""
     cfg = load_config(None, [*SMALL_MODEL, *PROBE_SECTION, "train.epochs=60"])
     loaded = load_scan(defocused_store, cfg)
-    result = Trainer(loaded.data, cfg).fit(progress=False)
+    result = build_engine(loaded.data, cfg).fit(progress=False)
     scores = quality(result, loaded.dataset)
     assert scores["relative_error"] < 0.35
 
@@ -239,7 +239,7 @@ def test_probe_guess_option_is_checked_and_made_absolute(
 ) -> None:
     """`--probe-guess` becomes probe_init = file with an absolute source (workers may start
     elsewhere); a missing file is refused before any work starts."""
-    from cli.common import probe_guess_overrides
+    from ptyinr.cli.common import probe_guess_overrides
 
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "guess.npy", np.ones((4, 4), np.complex64))

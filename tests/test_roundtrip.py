@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from tiny import TINY_MODEL
 
-from pipeline import store
-from pipeline.config import load_config
-from pipeline.ingest import ingest_file
-from pipeline.reconstruct import reconstruct_store
-from pipeline.simulate import SimulationConfig, simulate_scan
-from pipeline.train import ScanData, reconstruct
+from ptyinr import store
+from ptyinr.config import load_config
+from ptyinr.ingest import ingest_file
+from ptyinr.launch import fit
+from ptyinr.reconstruct import reconstruct_store
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
 
 CONFIG = [*TINY_MODEL, "model.siren_width=16", "train.epochs=3", "train.device=cpu"]
 
@@ -73,7 +74,7 @@ def test_simulate_export_ingest_reconstruct(tmp_path):
     assert written["object"]["x"].attrs["units"] == "m"
 
     # the same reconstruction straight from the simulated arrays
-    direct = reconstruct(
+    direct = fit(
         ScanData(counts.astype(np.float32), sim["positions_px"], pixel_size=sim["pixel_size_m"]),
         cfg,
         progress=False,

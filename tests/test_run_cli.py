@@ -16,8 +16,8 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from pipeline import store
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from ptyinr import store
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 FAST = [
     "model.siren_width=32",
@@ -35,7 +35,7 @@ runner = CliRunner()
 
 
 def _app():
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     return app
 
@@ -48,7 +48,7 @@ def make_store(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def address():
     """Scheduler address of a 2-worker LocalCluster shared by this module's commands."""
-    from pipeline.cluster import connect
+    from ptyinr.cluster import connect
 
     with connect("local", n_workers=2, dashboard_address=None, quiet=True) as client:
         client.wait_for_workers(2, timeout=60)
@@ -115,7 +115,7 @@ def test_two_concurrent_runs_on_one_store_give_two_complete_runs(
     tmp_path: Path, address: str
 ) -> None:
     data = make_store(tmp_path / "scan.zarr")  # no reconstructions group yet: both create it
-    cmd = [sys.executable, "-m", "cli.main", "run", str(data), *SETS, "--cluster", address]
+    cmd = [sys.executable, "-m", "ptyinr.cli.main", "run", str(data), *SETS, "--cluster", address]
     procs = [
         subprocess.Popen([*cmd, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)

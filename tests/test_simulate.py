@@ -16,9 +16,9 @@ from scipy.stats import pearsonr
 from skimage import data as skdata
 from skimage.transform import resize
 
-from pipeline import store
-from pipeline.physics import ScanGeometry, forward_intensity
-from pipeline.simulate import (
+from ptyinr import store
+from ptyinr.physics import ScanGeometry, forward_intensity
+from ptyinr.simulate import (
     SimulationConfig,
     add_noise,
     make_object,

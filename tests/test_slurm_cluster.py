@@ -19,8 +19,8 @@ import pytest
 from slurm_support import job_state, queued_job_ids, wait_for_state
 from typer.testing import CliRunner
 
-from pipeline.cluster import connect, slurm_job_ids, task_resources
-from pipeline.jobscript import DriverJob, driver_job, render_driver_script, submit_driver
+from ptyinr.cluster import connect, slurm_job_ids, task_resources
+from ptyinr.jobscript import DriverJob, driver_job, render_driver_script, submit_driver
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -106,7 +106,7 @@ def _sleeper(tmp_path: Path) -> Path:
 
 
 def test_status_and_cancel_driver_with_its_workers(tmp_path: Path) -> None:
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     driver = DriverJob(
         args=("run",), log_dir=tmp_path, workdir=tmp_path, job_name="ptyinr-cancelme",
@@ -147,7 +147,7 @@ def test_status_and_cancel_driver_with_its_workers(tmp_path: Path) -> None:
 
 DRIVER = """\
 import time
-from pipeline.cluster import connect, slurm_job_ids
+from ptyinr.cluster import connect, slurm_job_ids
 
 # 3 worker jobs on a node with 2 (fake) GPUs: one of them stays PENDING.
 with connect(

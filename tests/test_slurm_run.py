@@ -21,10 +21,10 @@ from slurm_support import queued_job_ids, wait_for_state
 from tiny import TINY_MODEL
 from typer.testing import CliRunner
 
-from pipeline import store
-from pipeline.config import load_config
-from pipeline.reconstruct import checkpoint_path, reconstruct_store
-from pipeline.simulate import SimulationConfig, write_simulated_store
+from ptyinr import store
+from ptyinr.config import load_config
+from ptyinr.reconstruct import checkpoint_path, reconstruct_store
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -79,8 +79,9 @@ def test_cli_run_on_slurm_workers_replaces_killed_workers(tmp_path: Path) -> Non
     costs a restart from the checkpoints, not the run."""
     data = make_store(tmp_path / "scan.zarr")
     overrides = [*FAST, "train.epochs=150", "train.checkpoint_every=20"]
-    cmd = [sys.executable, "-m", "cli.main", "run", str(data), "--cluster", "slurm:local-test",
-           "--run-id", "onslurm", "--quiet", *set_args(overrides)]  # fmt: skip
+    cmd = [sys.executable, "-m", "ptyinr.cli.main", "run", str(data),
+           "--cluster", "slurm:local-test", "--run-id", "onslurm", "--quiet",
+           *set_args(overrides)]  # fmt: skip
     env = {**os.environ, "PTYINR_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -113,7 +114,7 @@ def test_cli_run_on_slurm_workers_replaces_killed_workers(tmp_path: Path) -> Non
 
 
 def submit(tmp_path: Path, data: Path, overrides: list[str]) -> tuple[str, Path]:
-    from cli.main import app
+    from ptyinr.cli.main import app
 
     log_dir = tmp_path / "logs"
     result = CliRunner().invoke(

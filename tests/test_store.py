@@ -12,9 +12,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline import store
-from pipeline.errors import StoreError
-from pipeline.geometry import object_pixel_size_m
+from ptyinr import store
+from ptyinr.errors import StoreError
+from ptyinr.geometry import object_pixel_size_m
 
 GEOM = {
     "wavelength_m": 1.5e-10,

@@ -11,14 +11,19 @@ import pytest
 import torch
 from tiny import TINY_MODEL
 
-from pipeline import fastpaths, memory, plan
-from pipeline.config import load_config
-from pipeline.memory import FrameStream, StoreFrames, sample_object
-from pipeline.models.fields import build_object_field
-from pipeline.physics import ScanGeometry
-from pipeline.reconstruct import load_scan
-from pipeline.simulate import SimulationConfig, write_simulated_store
-from pipeline.train import ScanData, Trainer
+import ptyinr.runtime as runtime_module
+from ptyinr.config import load_config
+from ptyinr.launch import build_engine
+from ptyinr.models.fields import build_object_field
+from ptyinr.physics import ScanGeometry
+from ptyinr.reconstruct import load_scan
+from ptyinr.runtime import frames as memory
+from ptyinr.runtime import plan, resolve_runtime
+from ptyinr.runtime import precision as fastpaths
+from ptyinr.runtime.frames import FrameStream
+from ptyinr.runtime.tiles import sample_object
+from ptyinr.scandata import ScanData, StoreFrames
+from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 TINY = [
     *TINY_MODEL,
@@ -64,7 +69,7 @@ def test_tiled_object_equals_untiled_values_and_gradients(precision: str) -> Non
     field = build_object_field((40, 50), cfg.model)
     cpu = torch.device("cpu")
     dtype = fastpaths.prepare_object_field(
-        field, cfg.performance, cpu, fastpaths.resolve_precision(cfg, cpu)
+        field, fastpaths.resolve_precision(cfg, cpu), cfg.performance.compile
     )
     bf16 = precision == "bf16"
     assert field.amplitude_net.hidden_dtype == (torch.bfloat16 if bf16 else None)
@@ -93,8 +98,8 @@ def test_tiled_object_equals_untiled_values_and_gradients(precision: str) -> Non
 
 def test_training_with_tiles_equals_untiled(store_path: Path) -> None:
     data = load_scan(store_path, load_config(overrides=TINY)).data
-    untiled = Trainer(data, load_config(overrides=TINY)).fit(progress=False)
-    tiled_trainer = Trainer(
+    untiled = build_engine(data, load_config(overrides=TINY)).fit(progress=False)
+    tiled_trainer = build_engine(
         data, load_config(overrides=[*TINY, "performance.object_tile_pixels=300"])
     )
     assert tiled_trainer.runtime.tile_pixels == 300
@@ -123,8 +128,8 @@ def test_forward_model_in_frame_chunks_equals_whole_batch(
     """Chunked forward model, gradients accumulated through detached leaves: the same
     training as one graph over the batch (summation order aside; global phases drift)."""
     data = load_scan(store_path, load_config(overrides=TINY)).data
-    whole = Trainer(data, load_config(overrides=[*TINY, *extra])).fit(progress=False)
-    chunked_trainer = Trainer(
+    whole = build_engine(data, load_config(overrides=[*TINY, *extra])).fit(progress=False)
+    chunked_trainer = build_engine(
         data, load_config(overrides=[*TINY, *extra, "performance.frame_chunk=7"])
     )
     assert chunked_trainer.runtime.frame_chunk == 7
@@ -138,8 +143,8 @@ def test_known_probe_in_frame_chunks_equals_whole_batch(store_path: Path) -> Non
     loaded = load_scan(store_path, load_config(overrides=TINY))
     probe = loaded.dataset["true_probe"].values
     cfg = [*TINY, "train.batch_size=0"]
-    whole = Trainer(loaded.data, load_config(overrides=cfg), known_probe=probe)
-    chunked = Trainer(
+    whole = build_engine(loaded.data, load_config(overrides=cfg), known_probe=probe)
+    chunked = build_engine(
         loaded.data,
         load_config(overrides=[*cfg, "performance.frame_chunk=16"]),
         known_probe=probe,
@@ -150,7 +155,7 @@ def test_known_probe_in_frame_chunks_equals_whole_batch(store_path: Path) -> Non
 
 
 def test_union_merged_chunk_by_chunk_equals_torch_unique(store_path: Path) -> None:
-    trainer = Trainer(
+    trainer = build_engine(
         load_scan(store_path, load_config(overrides=TINY)).data, load_config(overrides=TINY)
     )
     batch = torch.as_tensor(np.random.default_rng(0).permutation(trainer.geometry.n_positions))
@@ -222,17 +227,17 @@ def test_streamed_training_equals_in_memory(store_path: Path) -> None:
     in_memory = load_scan(store_path, load_config(overrides=TINY))
     lazy = load_scan(store_path, load_config(overrides=TINY), lazy=True)
     assert isinstance(lazy.data.intensities, StoreFrames)
-    resident = Trainer(in_memory.data, load_config(overrides=[*TINY, "data.stream=never"]))
-    streamed = Trainer(lazy.data, load_config(overrides=[*TINY, "data.stream=always"]))
-    assert resident.stream is None and streamed.stream is not None
-    assert streamed.measured_amplitude is None
+    resident = build_engine(in_memory.data, load_config(overrides=[*TINY, "data.stream=never"]))
+    streamed = build_engine(lazy.data, load_config(overrides=[*TINY, "data.stream=always"]))
+    assert resident.measured.stream is None and streamed.measured.stream is not None
+    assert streamed.measured.resident is None
     a = resident.fit(progress=False)
     b = streamed.fit(progress=False)
     assert b.info["streamed_frames"] and not a.info["streamed_frames"]
     # 3 epochs, plus the compact patch the data-derived probe start's trial fits read once
     trial = b.info["probe_start"]["trial_positions"]
     assert trial == a.info["probe_start"]["trial_positions"] > 0
-    assert streamed.stream.reads == 3 * len(in_memory.data.positions_px) + trial
+    assert streamed.measured.stream.reads == 3 * len(in_memory.data.positions_px) + trial
     # identical frames, scale and probe guess; only the mean frame energy (probe-scale start)
     # is summed in another order (float64 per block vs float32 over the scan): ~1e-7
     np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-5)
@@ -248,16 +253,16 @@ def test_auto_tiles_only_when_the_union_does_not_fit(monkeypatch: pytest.MonkeyP
     roomy = plan.estimate_memory(plan.workload(grid, cfg), cfg, "cpu", tile_pixels=0, stream=False)
     assert roomy.parts["object activations"] > 0.5 * roomy.peak
     bounded: list[bool] = []
-    monkeypatch.setattr(memory, "bound_cpu_heap", lambda: bounded.append(True))
+    monkeypatch.setattr(runtime_module, "bound_cpu_heap", lambda: bounded.append(True))
     monkeypatch.setattr(plan, "available_memory", lambda *a, **k: 2 * roomy.peak)
-    plenty = memory.runtime_for(data, cfg, grid, torch.device("cpu"), False)
+    plenty = resolve_runtime(data, cfg, grid, device=torch.device("cpu"))
     assert (plenty.tile_pixels, plenty.stream, plenty.estimate.heap) == (0, False, "reuse")
     assert not bounded  # the fast heap when everything fits
     # room for everything but most of the untiled union's activations
     usable = roomy.peak - int(0.7 * roomy.parts["object activations"])
     tight = int(usable / cfg.performance.memory_fraction)
     monkeypatch.setattr(plan, "available_memory", lambda *a, **k: tight)
-    short = memory.runtime_for(data, cfg, grid, torch.device("cpu"), False)
+    short = resolve_runtime(data, cfg, grid, device=torch.device("cpu"))
     assert short.tile_pixels >= plan.MIN_TILE and short.estimate.fits
     assert short.estimate.peak <= usable
     assert short.estimate.heap == "bounded" and bounded == [True]  # RSS must track the plan

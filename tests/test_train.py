@@ -17,12 +17,14 @@ import torch
 import xarray as xr
 from tiny import TINY_MODEL
 
-from pipeline import evaluate
-from pipeline.config import load_config
-from pipeline.errors import InputError, ReconstructionFailed
-from pipeline.physics import ScanGeometry
-from pipeline.simulate import SimulationConfig, simulate_scan
-from pipeline.train import Reconstruction, ScanData, Trainer, batches, reconstruct
+from ptyinr import evaluate
+from ptyinr.batching import batches
+from ptyinr.config import load_config
+from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.launch import build_engine, fit
+from ptyinr.physics import ScanGeometry
+from ptyinr.scandata import Reconstruction, ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
 
 # a constant learning rate: these tests check exact convergence at rates they choose
 TINY = [
@@ -74,7 +76,7 @@ def object_error(result: Reconstruction, sim: dict, known_probe: bool) -> float:
 
 def test_known_probe_reconstruction_converges(sim):
     cfg = config("train.epochs=100", "model.siren_width=64", "train.lr_object=3e-3")
-    result = reconstruct(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
+    result = fit(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
     loss = result.loss.values
     assert loss[-1] < loss[0] / 10
     assert object_error(result, sim, known_probe=True) < 0.1
@@ -90,7 +92,7 @@ def test_unknown_probe_reconstruction_converges(sim):
         "train.lr_object=3e-3",
         "train.lr_probe=3e-3",
     )
-    result = reconstruct(data_of(sim), cfg, progress=False)
+    result = fit(data_of(sim), cfg, progress=False)
     loss = result.loss.values
     assert loss[-1] < loss[0] / 10
     assert object_error(result, sim, known_probe=False) < 0.1
@@ -102,7 +104,7 @@ def test_unknown_probe_reconstruction_converges(sim):
 def test_pixel_object_with_known_probe_fits_exactly(sim):
     """The forward model of training is the simulator's: a free pixel grid reaches ~0 error."""
     cfg = config("model.object=pixels", "train.epochs=150", "train.lr_object=2e-2")
-    result = reconstruct(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
+    result = fit(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
     assert result.loss.values[-1] < 1e-4 * result.loss.values[0]  # measured 1e-6
     assert object_error(result, sim, known_probe=True) < 0.01  # measured 0.001
 
@@ -111,7 +113,7 @@ def test_pixel_object_with_known_probe_fits_exactly(sim):
 
 
 def _short(sim: dict, *extra: str) -> Reconstruction:
-    return reconstruct(
+    return fit(
         data_of(sim), config("train.epochs=4", "train.batch_size=64", *extra), progress=False
     )
 
@@ -145,7 +147,7 @@ def test_mini_batch_mode(sim):
         "model.object=pixels", "train.epochs=15", "train.batch_size=50", "train.lr_object=1e-2",
         "train.batches=random",
     )
-    result = reconstruct(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
+    result = fit(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
     n = len(sim["positions_px"])
     assert result.info["steps"] == 15 * math.ceil(n / 50)
     assert result.info["epochs"] == 15 and result.loss.sizes["epoch"] == 15
@@ -164,7 +166,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(sim, tmp_path):
         "train.epochs=10", "train.batch_size=100", "train.checkpoint_every=6"
     )  # 3 steps/epoch
     data = data_of(sim)
-    uninterrupted = Trainer(data, cfg).fit(progress=False)
+    uninterrupted = build_engine(data, cfg).fit(progress=False)
 
     ckpt = tmp_path / "run.pt"
 
@@ -173,12 +175,12 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(sim, tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        Trainer(data, cfg).fit(checkpoint_path=ckpt, progress=False, on_epoch=stop_at_7)
+        build_engine(data, cfg).fit(checkpoint_path=ckpt, progress=False, on_epoch=stop_at_7)
     assert ckpt.exists()
     assert torch.load(ckpt, weights_only=False)["epoch"] == 6  # the last checkpoint before the stop
 
     seen: list[int] = []
-    resumed = Trainer(data, cfg).fit(
+    resumed = build_engine(data, cfg).fit(
         checkpoint_path=ckpt, progress=False, on_epoch=lambda e, _: seen.append(e)
     )
     assert seen == [7, 8, 9, 10]  # only the remaining epochs ran
@@ -195,11 +197,11 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(sim, tmp_path):
 def test_checkpoint_of_another_model_is_refused(sim, tmp_path):
     data = data_of(sim)
     ckpt = tmp_path / "run.pt"
-    trainer = Trainer(data, config("train.epochs=1"))
+    trainer = build_engine(data, config("train.epochs=1"))
     trainer.fit(progress=False)
     trainer.save_checkpoint(ckpt)
     with pytest.raises(InputError, match="model"):
-        Trainer(data, config("train.epochs=2", "model.siren_width=16")).fit(
+        build_engine(data, config("train.epochs=2", "model.siren_width=16")).fit(
             checkpoint_path=ckpt, progress=False
         )
 
@@ -208,7 +210,7 @@ def test_checkpoint_of_another_model_is_refused(sim, tmp_path):
 
 
 def test_nan_loss_raises_reconstruction_failed(sim):
-    trainer = Trainer(data_of(sim), config("model.object=pixels", "train.epochs=5"))
+    trainer = build_engine(data_of(sim), config("model.object=pixels", "train.epochs=5"))
 
     def diverge(epoch: int, loss: float) -> None:
         if epoch == 2:  # what a blown-up optimiser step leaves behind
@@ -223,7 +225,7 @@ def test_nan_in_data_raises_reconstruction_failed(sim):
     frames = sim["intensities"].copy()
     frames[3, 4, 5] = np.nan
     with pytest.raises(ReconstructionFailed, match="nan"):
-        reconstruct(ScanData(frames, sim["positions_px"]), config("train.epochs=2"), progress=False)
+        fit(ScanData(frames, sim["positions_px"]), config("train.epochs=2"), progress=False)
 
 
 def test_bad_input_shapes_are_user_errors(sim):
@@ -232,7 +234,7 @@ def test_bad_input_shapes_are_user_errors(sim):
     with pytest.raises(InputError, match="intensities"):
         ScanData(sim["intensities"][0], sim["positions_px"])
     with pytest.raises(InputError, match=r"\(8, 8\)"):
-        Trainer(data_of(sim), config(), known_probe=np.ones((8, 8), np.complex64))
+        build_engine(data_of(sim), config(), known_probe=np.ones((8, 8), np.complex64))
     with pytest.raises(InputError, match="bad-pixel mask"):
         ScanData(sim["intensities"], sim["positions_px"], bad_pixels=np.zeros((8, 8), bool))
 
@@ -245,8 +247,8 @@ def test_masked_pixels_do_not_influence_the_result(sim):
     frames[:, 3, 5] = 1e3 * frames.max()
     frames[:, 12, 2] = np.nan
     cfg = config("train.epochs=3")
-    clean = reconstruct(data_of(sim, bad_pixels=bad), cfg, progress=False)
-    hot = reconstruct(ScanData(frames, sim["positions_px"], bad_pixels=bad), cfg, progress=False)
+    clean = fit(data_of(sim, bad_pixels=bad), cfg, progress=False)
+    hot = fit(ScanData(frames, sim["positions_px"], bad_pixels=bad), cfg, progress=False)
     np.testing.assert_allclose(hot.loss.values, clean.loss.values, rtol=1e-6)
     np.testing.assert_allclose(hot.object.values, clean.object.values, rtol=1e-5, atol=1e-6)
 
@@ -265,7 +267,7 @@ def _window_pixel_set(geometry: ScanGeometry, batch: np.ndarray) -> set[tuple[in
 
 @pytest.mark.parametrize("kind", ["siren", "hashgrid"])
 def test_object_networks_see_only_the_batch_pixels(sim, kind):
-    trainer = Trainer(data_of(sim), config(f"model.object={kind}", "train.batch_size=10"))
+    trainer = build_engine(data_of(sim), config(f"model.object={kind}", "train.batch_size=10"))
     seen: list[torch.Tensor] = []
     hooks = [
         net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
@@ -287,7 +289,7 @@ def test_object_networks_see_only_the_batch_pixels(sim, kind):
 
 
 def test_hot_path_runs_in_complex64(sim, monkeypatch):
-    import pipeline.train as train_module
+    import ptyinr.engines.ptyinr as train_module
 
     dtypes = []
     real = train_module.far_field_intensity
@@ -297,7 +299,7 @@ def test_hot_path_runs_in_complex64(sim, monkeypatch):
         return real(exit_wave)
 
     monkeypatch.setattr(train_module, "far_field_intensity", spy)
-    trainer = Trainer(data_of(sim), config())
+    trainer = build_engine(data_of(sim), config())
     trainer.train_step(np.arange(20), full=False)
     assert dtypes == [torch.complex64]
     assert trainer.object.full().dtype == torch.complex64
@@ -313,7 +315,7 @@ def test_each_representation_runs(sim, object_kind, probe_kind):
     if probe_kind != "known":
         extra.append(f"model.probe={probe_kind}")
     known = sim["probe"] if probe_kind == "known" else None
-    result = reconstruct(data_of(sim), config(*extra), known_probe=known, progress=False)
+    result = fit(data_of(sim), config(*extra), known_probe=known, progress=False)
     assert result.object.dtype == np.complex64 and result.probe.dtype == np.complex64
     assert np.all(np.isfinite(result.object.values)) and np.all(np.isfinite(result.probe.values))
     assert result.probe.shape == (16, 16) and result.loss.sizes["epoch"] == 3
@@ -332,7 +334,7 @@ def test_result_coordinates_and_shared_grid(sim):
         object_shape=full.object_shape,
         origin_px=full.origin_px,
     )
-    result = reconstruct(half, config("train.epochs=1"), geometry=geometry, progress=False)
+    result = fit(half, config("train.epochs=1"), geometry=geometry, progress=False)
     assert result.object.shape == full.object_shape
     ys, xs = full.pixel_coordinates()
     np.testing.assert_allclose(result.object["y"].values, ys * pixel[0])

@@ -4,16 +4,16 @@ streaming copy, archives with a catalog. See `core.ingest_file` and `core.ingest
 Adding a file layout is adding a module here that calls `register_reader`.
 """
 
-from pipeline.ingest.catalog import read_catalog, write_catalog
-from pipeline.ingest.convert import Conversions
-from pipeline.ingest.core import (
+from ptyinr.ingest.catalog import read_catalog, write_catalog
+from ptyinr.ingest.convert import Conversions
+from ptyinr.ingest.core import (
     ArchiveReport,
     ingest_archive,
     ingest_file,
     ingest_one,
     sha256_file,
 )
-from pipeline.ingest.registry import (
+from ptyinr.ingest.registry import (
     READERS,
     SourceScan,
     detect_format,

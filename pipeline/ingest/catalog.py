@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import StoreError
-from pipeline.store import move_into_place
+from ptyinr.errors import StoreError
+from ptyinr.store import move_into_place
 
 CATALOG_NAME = "catalog.zarr"
 TEXT_COLUMNS = (

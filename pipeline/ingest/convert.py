@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 from scipy.spatial import cKDTree
 
-from pipeline.errors import IngestError
+from ptyinr.errors import IngestError
 
 PositionsUnit = Literal["m", "um", "nm", "px"]
 POSITION_SCALE = {"m": 1.0, "um": 1e-6, "nm": 1e-9}

@@ -2,7 +2,7 @@
 
 The copy streams: frames go from the file to the store one chunk (a shard of frames) per
 dask task, converted and checked on the way, so memory is bounded by a few chunks whatever
-the file size. The store appears under its name only when complete (see pipeline.store).
+the file size. The store appears under its name only when complete (see ptyinr.store).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from typing import Any
 import dask
 import numpy as np
 
-from pipeline import __version__
-from pipeline import store as scan_store
-from pipeline.errors import IngestError, InputError, StoreError
-from pipeline.ingest.catalog import read_catalog, write_catalog
-from pipeline.ingest.convert import (
+from ptyinr import store as scan_store
+from ptyinr.errors import IngestError, InputError, StoreError
+from ptyinr.ingest.catalog import read_catalog, write_catalog
+from ptyinr.ingest.convert import (
     Conversions,
     convert_frames,
     convert_mask,
@@ -35,7 +34,8 @@ from pipeline.ingest.convert import (
     detect_dc,
     squeeze_frames,
 )
-from pipeline.ingest.registry import detect_format, get_reader
+from ptyinr.ingest.registry import detect_format, get_reader
+from ptyinr.version import __version__
 
 _HASH_BLOCK = 8 * 2**20
 

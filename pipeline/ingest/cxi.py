@@ -14,10 +14,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import IngestError
-from pipeline.ingest.convert import Conversions
-from pipeline.ingest.hdf5 import open_h5, read_generic, read_number
-from pipeline.ingest.registry import SourceScan, register_reader
+from ptyinr.errors import IngestError
+from ptyinr.ingest.convert import Conversions
+from ptyinr.ingest.hdf5 import read_generic, read_number
+from ptyinr.ingest.registry import SourceScan, open_h5, register_reader
 
 
 def _first(f: h5py.File, *candidates: str) -> str | None:

@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 from dask.base import tokenize
 
-from pipeline.errors import IngestError
-from pipeline.ingest.convert import (
+from ptyinr.errors import IngestError
+from ptyinr.ingest.convert import (
     GEOMETRY_ALIASES,
     Conversions,
     as_position_columns,
@@ -33,7 +33,7 @@ from pipeline.ingest.convert import (
     positions_from_grid,
     single_value,
 )
-from pipeline.ingest.registry import SourceScan, register_reader
+from ptyinr.ingest.registry import SourceScan, open_h5, register_reader
 
 FRAME_KEYS = ("intensities",)
 POSITION_KEYS = ("positions", "positions_y", "positions_x")
@@ -69,20 +69,6 @@ def _describe(index: Any) -> str:
     if isinstance(first, slice):
         return f"{first.start}:{first.stop}"
     return str(first)
-
-
-def open_h5(path: Path) -> h5py.File:
-    """Open read-only; a missing, non-HDF5 or truncated file is one `IngestError` line."""
-    if not path.exists():
-        raise IngestError(f"{path}: does not exist; expected an HDF5 file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise IngestError(
-            f"{path}: cannot be opened as HDF5 ({reason}); expected a complete HDF5 file "
-            "(truncated or not HDF5?)"
-        ) from exc
 
 
 def _natural_key(name: str) -> list:

@@ -22,8 +22,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from pipeline.errors import IngestError
-from pipeline.ingest.convert import (
+from ptyinr.errors import IngestError
+from ptyinr.ingest.convert import (
     GEOMETRY_ALIASES,
     Conversions,
     as_position_columns,
@@ -31,7 +31,7 @@ from pipeline.ingest.convert import (
     positions_from_grid,
     single_value,
 )
-from pipeline.ingest.registry import SourceScan, register_reader
+from ptyinr.ingest.registry import SourceScan, register_reader
 
 CANDIDATES = {
     "intensities": ("intensities", "diffraction", "diffraction_patterns", "data", "frames"),

@@ -19,9 +19,9 @@ from typing import Any
 
 import h5py
 
-from pipeline.ingest.convert import Conversions
-from pipeline.ingest.hdf5 import read_generic
-from pipeline.ingest.registry import SourceScan, register_reader
+from ptyinr.ingest.convert import Conversions
+from ptyinr.ingest.hdf5 import read_generic
+from ptyinr.ingest.registry import SourceScan, register_reader
 
 KEYS = {
     "intensities": "/diffamp",

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dask.array as da
+import h5py
 import numpy as np
 
-from pipeline.errors import IngestError
-from pipeline.ingest.convert import Conversions
+from ptyinr.errors import IngestError
+from ptyinr.ingest.convert import Conversions
 
 
 @dataclass
@@ -70,10 +71,10 @@ def load_readers() -> dict[str, Reader]:
     """Import every module of this package once, so each registers its reader."""
     global _LOADED
     if not _LOADED:
-        package = importlib.import_module("pipeline.ingest")
+        package = importlib.import_module("ptyinr.ingest")
         for info in pkgutil.iter_modules(package.__path__):
             if info.name not in ("registry", "convert", "core", "catalog"):
-                importlib.import_module(f"pipeline.ingest.{info.name}")
+                importlib.import_module(f"ptyinr.ingest.{info.name}")
         _LOADED = True
     return READERS
 
@@ -84,6 +85,20 @@ def get_reader(name: str) -> Reader:
     if name not in readers:
         raise IngestError(f"format={name!r} is unknown; expected one of {sorted(readers)}")
     return readers[name]
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open read-only; a missing, non-HDF5 or truncated file is one `IngestError` line."""
+    if not path.exists():
+        raise IngestError(f"{path}: does not exist; expected an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise IngestError(
+            f"{path}: cannot be opened as HDF5 ({reason}); expected a complete HDF5 file "
+            "(truncated or not HDF5?)"
+        ) from exc
 
 
 def detect_format(path: str | Path) -> str:
@@ -98,8 +113,6 @@ def detect_format(path: str | Path) -> str:
         except Exception:  # a sniffer never decides for another reader by crashing
             continue
     if path.suffix.lower() in (".h5", ".hdf5", ".hdf", ".cxi", ".nxs", ".nx5"):
-        from pipeline.ingest.hdf5 import open_h5
-
         open_h5(path).close()  # raises the HDF5 library's reason in one line
     raise IngestError(
         f"{path}: format not recognised (not HDF5/CXI/NPZ, or truncated); expected one of "

@@ -4,6 +4,6 @@
 talks to those two interfaces.
 """
 
-from pipeline.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
+from ptyinr.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
 
 __all__ = ["ObjectField", "ProbeField", "build_object_field", "build_probe_field"]

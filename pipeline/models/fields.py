@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from pipeline.config import ModelConfig
-from pipeline.models.hashgrid import FixedCoordinates, HashGridEncoding, HashGridMLP
-from pipeline.models.siren import Siren
+from ptyinr.config import ModelConfig
+from ptyinr.models.hashgrid import FixedCoordinates, HashGridEncoding, HashGridMLP
+from ptyinr.models.siren import Siren
 
 AMPLITUDE_OFFSET = math.log(math.e - 1.0)  # softplus(0 + offset) == 1
 

@@ -1,23 +1,21 @@
-"""Data-parallel training of one reconstruction: one process per device, gradients all-reduced.
+"""Launch an engine: on this process, or data-parallel on several (one per device).
 
-Every rank builds the same models (same seed; parameters are also broadcast from rank 0) and
-walks the same seeded schedule of global batches. Each global batch is sorted along a Z-order
-(Morton) curve of its window positions and cut into `world_size` contiguous pieces, so a
-rank's windows are spatial neighbours and the union of object pixels it evaluates shrinks
-with the number of ranks. A rank's data loss is its local mean times (local positions /
-global positions): the ranks' losses sum to the single-process loss of the whole batch, so
-summed gradients equal the single-process gradient. After backward, all gradients and the
-loss travel in one flat all-reduce (NCCL on CUDA, Gloo on CPU), every rank applies the same
-Adam step and the parameters stay identical. The probe regulariser is added on rank 0 only.
-Rank 0 reports progress, writes checkpoints and returns the result.
+`build_engine` is the one place an engine is put together: the configuration as the engine
+runs it, the scan geometry, the runtime (ptyinr.runtime.resolve_runtime: device, memory plan,
+precision, ranks) and the engine class `model.method` names (ptyinr.engines). `fit` runs it
+here, or on `world_size` ranks:
 
-Launchers:
 - `fit_spawned`: K local processes (torch.multiprocessing spawn), rendezvous through a file
-  store in a temporary folder (no ports); used by tests and `ptyinr reconstruct
-  --processes K` (CPU) / `--gpus K` (one GPU per process).
-- `fit_on_workers` / `reconstruct_distributed`: K tasks pinned to K Dask workers (each with
-  resources GPU=1 when the workers have GPUs). Rank 0 opens a TCP store on a free port of its
-  host and publishes host:port through a `distributed.Variable`; the other ranks read it.
+  store in a temporary folder (no ports); `ptyinr reconstruct --processes K` (CPU, Gloo) /
+  `--gpus K` (one GPU per process, NCCL).
+- `fit_on_workers`: K tasks pinned to K Dask workers (each with resources GPU=1 when the
+  workers have GPUs). Rank 0 opens a TCP store on a free port of its host and publishes
+  host:port through a `distributed.Variable`; the other ranks read it.
+
+Every rank builds the same engine (same seed; parameters are also broadcast from rank 0) and
+walks the same seeded schedule of global batches; how a rank takes its share of a batch and
+all-reduces its gradients is in ptyinr.runtime.collectives. Rank 0 reports progress, writes
+checkpoints and returns the result.
 """
 
 from __future__ import annotations
@@ -28,119 +26,98 @@ import pickle
 import secrets
 import tempfile
 import traceback
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ReconstructionConfig
-from pipeline.errors import InputError, ReconstructionFailed
-
-if TYPE_CHECKING:
-    from pipeline.physics import ScanGeometry
-    from pipeline.train import Reconstruction, ScanData
+from ptyinr.config import ReconstructionConfig
+from ptyinr.engines import Engine, get_engine
+from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.physics import ScanGeometry
+from ptyinr.runtime import ParallelContext, resolve_runtime, select_device
+from ptyinr.scandata import Reconstruction, ScanData, scan_geometry
 
 DEFAULT_TIMEOUT_S = 600.0  # a rank waits this long for the others (rendezvous, collectives)
 
 
-# --------------------------------------------------------------------------------- sharding
+# --------------------------------------------------------------------------------- one process
 
 
-def morton_key(points: np.ndarray) -> np.ndarray:
-    """Z-order key of non-negative integer (y, x) points: nearby points get nearby keys."""
-    pts = np.asarray(points, dtype=np.int64)
-    pts = pts - pts.min(axis=0, initial=0)
-
-    def spread(v: np.ndarray) -> np.ndarray:
-        v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
-        for shift, mask in (
-            (16, 0x0000FFFF0000FFFF),
-            (8, 0x00FF00FF00FF00FF),
-            (4, 0x0F0F0F0F0F0F0F0F),
-            (2, 0x3333333333333333),
-            (1, 0x5555555555555555),
-        ):
-            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-        return v
-
-    return (spread(pts[:, 0]) << np.uint64(1)) | spread(pts[:, 1])
+def engine_config(config: ReconstructionConfig) -> ReconstructionConfig:
+    """The configuration as the engine `model.method` names runs it (ConfigError when no
+    engine has that name)."""
+    return get_engine(config.model.method).resolve_config(config)
 
 
-def split_batch(batch: np.ndarray, key: np.ndarray, world_size: int) -> list[np.ndarray]:
-    """The global batch cut into `world_size` spatially compact, sorted, near-equal pieces."""
-    batch = np.asarray(batch)
-    ordered = batch[np.argsort(key[batch], kind="stable")]
-    return [np.sort(part) for part in np.array_split(ordered, world_size)]
+def build_engine(
+    data: ScanData,
+    config: ReconstructionConfig,
+    *,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    parallel: ParallelContext | None = None,
+    device: torch.device | None = None,
+) -> Engine:
+    """The engine `model.method` names, with its geometry and runtime resolved here."""
+    engine_cls = get_engine(config.model.method)
+    config = engine_cls.resolve_config(config)
+    geometry = geometry or scan_geometry(data.positions_px, data.frame_shape, config)
+    runtime = resolve_runtime(
+        data,
+        config,
+        geometry,
+        known_probe=known_probe is not None,
+        device=device,
+        parallel=parallel,
+    )
+    return engine_cls(data, config, geometry, runtime, known_probe=known_probe)
 
 
-@dataclass
-class ParallelContext:
-    """What a Trainer needs to know about its place in a data-parallel group."""
-
-    rank: int
-    world_size: int
-    group: Any = None
-    _key: np.ndarray | None = field(default=None, repr=False)
-    _full: tuple[int, np.ndarray] | None = field(default=None, repr=False)
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
-    def bind(self, geometry: ScanGeometry) -> None:
-        """Spatial order of the scan's windows (called once by the Trainer)."""
-        self._key = morton_key(geometry.top_left)
-        self._full = None
-
-    def shard(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """This rank's positions of a global batch, and its share of the batch's positions."""
-        if self._key is None:
-            raise RuntimeError("ParallelContext.bind(geometry) must be called first")
-        batch = np.asarray(batch)
-        if len(batch) == len(self._key):  # full batch: the same split every step
-            if self._full is None:
-                self._full = (len(batch), split_batch(batch, self._key, self.world_size)[self.rank])
-            local = self._full[1]
-        else:
-            local = split_batch(batch, self._key, self.world_size)[self.rank]
-        return local, len(local) / max(len(batch), 1)
-
-    # -- collectives -----------------------------------------------------------------------
-
-    def all_reduce(self, parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
-        """Sum gradients (None counts as zero) and the loss over ranks in one flat all-reduce;
-        write the summed gradients back and return the global loss."""
-        grads = [
-            p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-            for p in parameters
-        ]
-        flat = torch.cat([*grads, loss.detach().reshape(1).to(grads[0].dtype)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        offset = 0
-        for p in parameters:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
-        return float(flat[offset])
-
-    def broadcast_parameters(self, *modules: torch.nn.Module) -> None:
-        """Rank 0's parameters and buffers everywhere (same seed makes them equal anyway;
-        this guards against any rank-dependent initialisation)."""
-        for module in modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if tensor.is_floating_point() or tensor.is_complex():
-                    with torch.no_grad():
-                        dist.broadcast(tensor.data, src=0, group=self.group)
-
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's Python object on every rank."""
-        box = [obj if self.is_root else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+def fit(
+    data: ScanData,
+    config: ReconstructionConfig,
+    *,
+    known_probe: np.ndarray | None = None,
+    geometry: ScanGeometry | None = None,
+    checkpoint_path: Path | None = None,
+    progress: bool = True,
+    description: str = "reconstructing",
+    on_epoch: Callable[[int, float], None] | None = None,
+    world_size: int = 1,
+    client: Any = None,
+) -> Reconstruction:
+    """Reconstruct object and probe from a scan's data: in this process, or data-parallel on
+    `world_size` Dask workers of `client` (when given) or local processes."""
+    if world_size > 1 or client is not None:
+        if not get_engine(config.model.method).data_parallel:
+            raise InputError(
+                f"model.method = {config.model.method!r} does not train data-parallel; "
+                "drop --gpus/--processes (or choose model.method = ptyinr or pixels)"
+            )
+        return fit_parallel(
+            data,
+            config,
+            world_size,
+            client=client,
+            known_probe=known_probe,
+            geometry=geometry,
+            checkpoint_path=checkpoint_path,
+            progress=progress,
+            description=description,
+        )
+    engine = build_engine(data, config, known_probe=known_probe, geometry=geometry)
+    return engine.fit(
+        checkpoint_path=checkpoint_path,
+        progress=progress,
+        description=description,
+        on_epoch=on_epoch,
+    )
 
 
 # --------------------------------------------------------------------------------- one rank
@@ -172,32 +149,33 @@ def backend_for(use_cuda: bool) -> str:
 def run_rank(job: RankJob, rank: int, store: dist.Store, local_device: int = 0) -> Any:
     """Train as rank `rank` of `job.world_size` (process group from `store`); rank 0 returns
     the Reconstruction, the others None."""
-    from pipeline.train import ScanData, Trainer
-
-    config = job.config
-    if job.threads > 0 and config.train.threads == 0:
+    if job.threads > 0 and job.config.train.threads == 0:
         torch.set_num_threads(job.threads)
+    device = None
     if job.use_cuda:
         torch.cuda.set_device(local_device)
-        config = config.model_copy(deep=True)
-        config.train.device = "cuda"
+        device = torch.device("cuda", local_device)
     data = job.data
     if job.frames is not None:
-        data = ScanData(job.frames.numpy(), data.positions_px, data.bad_pixels, data.pixel_size)
+        data = replace(data, intensities=job.frames.numpy())
     dist.init_process_group(
         backend_for(job.use_cuda),
         store=store,
         rank=rank,
         world_size=job.world_size,
         timeout=dt.timedelta(seconds=job.timeout_s),
-        **({"device_id": torch.device("cuda", local_device)} if job.use_cuda else {}),
+        **({"device_id": device} if job.use_cuda else {}),
     )
     try:
-        context = ParallelContext(rank, job.world_size)
-        trainer = Trainer(
-            data, config, known_probe=job.known_probe, geometry=job.geometry, parallel=context
+        engine = build_engine(
+            data,
+            job.config,
+            known_probe=job.known_probe,
+            geometry=job.geometry,
+            parallel=ParallelContext(rank, job.world_size),
+            device=device,
         )
-        result = trainer.fit(
+        result = engine.fit(
             checkpoint_path=job.checkpoint_path,
             progress=job.progress and rank == 0,
             description=job.description,
@@ -382,10 +360,9 @@ def fit_on_workers(
     be lazy (dask-backed frames from the store: each rank reads only what it needs, see
     data.stream) or small; it is sent to every rank.
     """
-    from pipeline.cluster import task_resources
-
-    resources = task_resources(client)
-    gpus = bool(resources.get("GPU"))
+    workers_info = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpus = any("GPU" in w.get("resources", {}) for w in workers_info.values())
+    resources = {"GPU": 1} if gpus else {}
     workers = pick_workers(client, world_size, gpus, timeout_s)
     token = secrets.token_hex(6)
     rendezvous = f"ptyinr-rendezvous-{token}"
@@ -480,8 +457,6 @@ def fit_parallel(
             checkpoint_path=checkpoint_path,
             description=description,
         )
-    from pipeline.train import select_device
-
     use_cuda = select_device(config.train.device).type == "cuda"
     return fit_spawned(
         data,
@@ -496,32 +471,15 @@ def fit_parallel(
     )
 
 
-def reconstruct_distributed(
-    client: Any,
-    path: str | Path,
-    config: ReconstructionConfig,
-    world_size: int,
-    **kwargs: Any,
-) -> tuple[str, Reconstruction]:
-    """`pipeline.reconstruct.reconstruct_store` with training spread over `world_size` Dask
-    workers (data-parallel). Same keywords (run_id, indices, subgroup, known_probe, geometry,
-    mark_complete, ...); frames are read lazily from the store by each rank. Call it from
-    the driver (the client side), not from inside a task."""
-    from pipeline.reconstruct import reconstruct_store
-
-    return reconstruct_store(path, config, world_size=world_size, client=client, **kwargs)
-
-
 __all__ = [
-    "ParallelContext",
     "RankJob",
+    "build_engine",
     "choose_ranks",
+    "engine_config",
+    "fit",
     "fit_on_workers",
     "fit_parallel",
     "fit_spawned",
-    "morton_key",
     "pick_workers",
-    "reconstruct_distributed",
     "run_rank",
-    "split_batch",
 ]

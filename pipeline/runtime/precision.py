@@ -1,6 +1,6 @@
-"""Fast paths for the object networks, each switchable (config.PerformanceConfig) and
-measured in benchmarks/bench_scale.py and benchmarks/bench_precision.py: TF32 matmuls,
-bfloat16 hidden layers, torch.compile."""
+"""Precision and compilation of the object networks, each switchable (config.PerformanceConfig)
+and measured in benchmarks/bench_scale.py and benchmarks/bench_precision.py: bfloat16 hidden
+layers, torch.compile (TF32 is set process-wide by ptyinr.runtime.resolve_runtime)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import PerformanceConfig, ReconstructionConfig
-from pipeline.models.siren import Siren
+from ptyinr.config import ReconstructionConfig
+from ptyinr.models.siren import Siren
 
 
 def _to_float32(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -97,25 +97,18 @@ def set_object_precision(field: torch.nn.Module, precision: str) -> torch.dtype 
 
 
 def prepare_object_field(
-    field: torch.nn.Module,
-    performance: PerformanceConfig,
-    device: torch.device,
-    precision: str,
+    field: torch.nn.Module, precision: str, compile_networks: bool = False
 ) -> torch.dtype | None:
     """Apply the switchable fast paths to an object field; returns the autocast dtype that
-    `sample_object` must apply around the networks, or None.
+    `tiles.sample_object` must apply around the networks, or None.
 
-    - tf32: TF32 matmuls for the whole process (CUDA only; a no-op on CPU);
     - precision (already resolved: resolve_precision): see set_object_precision (state_dict
       keys are unchanged, so checkpoints are interchangeable between precisions);
     - compile: `nn.Module.compile` of each object network in place (state_dict unchanged).
     """
-    if performance.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     nets = _object_nets(field)
     autocast_dtype = set_object_precision(field, precision)
-    if performance.compile and nets:
+    if compile_networks and nets:
         for net in nets:
             net.compile(dynamic=True)
     return autocast_dtype

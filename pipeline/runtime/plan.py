@@ -9,7 +9,7 @@ Memory model (bytes per device), each term from the code it describes:
   batch's union and per SIREN: a sine layer keeps its input and its pre-activation, so
   (2 * hidden + 2) * width values, plus ~3 * width of gradient buffers alive during the
   backward pass (4 bytes each; with bf16 hidden layers those layers keep 2-byte values).
-  With tiles (pipeline.memory), the union keeps ~24 B per pixel (indices, complex output)
+  With tiles (ptyinr.runtime.tiles), the union keeps ~24 B per pixel (indices, complex output)
   and two tiles hold activations (the backward pass recomputes one while the last frees);
 - probe networks on the Ny x Nx probe grid (hash-grid gathers: 4 corners x levels x (int64
   row + float32 weight), ReLU MLP activations);
@@ -45,8 +45,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ReconstructionConfig
-from pipeline.errors import InputError
+from ptyinr import store
+from ptyinr.batching import epoch_batches
+from ptyinr.config import ReconstructionConfig
+from ptyinr.errors import InputError
+from ptyinr.models.hashgrid import level_resolutions
+from ptyinr.runtime import precision as precision_rules
+from ptyinr.runtime.collectives import morton_key, split_batch
+from ptyinr.runtime.device import select_device
+from ptyinr.scandata import store_geometry
 
 GIB = 1024**3
 MIB = 1024**2
@@ -124,8 +131,6 @@ def workload(
     geometry: Any, config: ReconstructionConfig, world_size: int = 1, samples: int = 3
 ) -> Workload:
     """Per-step sizes of this scan under this configuration (a few batches sampled)."""
-    from pipeline.batching import epoch_batches
-    from pipeline.parallel import morton_key, split_batch
 
     n = geometry.n_positions
     bs = config.train.batch_size_for(n)
@@ -163,8 +168,6 @@ def workload(
 
 
 def _hash_table_rows(config: Any) -> int:
-    from pipeline.models.hashgrid import level_resolutions
-
     table = 2**config.hash_log2_table_size
     res = level_resolutions(
         config.hash_levels, config.hash_base_resolution, config.hash_per_level_scale
@@ -209,12 +212,10 @@ def parameter_counts(config: ReconstructionConfig, wl: Workload, known_probe: bo
 
 
 def object_precision(config: ReconstructionConfig, device_type: str, n_positions: int) -> str:
-    """performance.precision resolved for a device kind and scan (pipeline.fastpaths)."""
+    """performance.precision resolved for a device kind and scan (ptyinr.runtime.precision)."""
     import torch
 
-    from pipeline.fastpaths import resolve_precision
-
-    return resolve_precision(config, torch.device(device_type), n_positions)
+    return precision_rules.resolve_precision(config, torch.device(device_type), n_positions)
 
 
 def object_bytes_per_pixel(config: ReconstructionConfig, precision: str = "fp32") -> int:
@@ -222,7 +223,7 @@ def object_bytes_per_pixel(config: ReconstructionConfig, precision: str = "fp32"
 
     Per SIREN and pixel, autograd keeps each sine's input and each linear layer's input:
     float32, 2 values per layer but the first (coordinates: negligible) plus the head's
-    input. With bf16 hidden layers (pipeline.fastpaths) the hidden layers keep theirs in
+    input. With bf16 hidden layers (ptyinr.runtime.precision) the hidden layers keep theirs in
     bfloat16, the first sine's input and the head's input stay float32. With bf16-backward
     (models.siren) each layer keeps its input and its sine's cosine in bfloat16, the first
     layer's cosine in float32."""
@@ -267,7 +268,7 @@ class MemoryEstimate:
     available: int
     budget: int
     loading_peak: int = 0  # while the frames are converted, before training starts
-    heap: str = "reuse"  # CPU allocator policy assumed (pipeline.memory.bound_cpu_heap)
+    heap: str = "reuse"  # CPU allocator policy assumed (ptyinr.runtime.device.bound_cpu_heap)
     frame_chunk: int = 0  # frames per forward-model chunk (0: the whole batch at once)
 
     @property
@@ -593,7 +594,7 @@ def estimate_time(
     precision: str = "fp32",
 ) -> dict[str, float]:
     """Seconds per step by part and per epoch (the busiest rank sets the pace); `precision`
-    is the object networks' resolved precision (pipeline.fastpaths.resolve_precision)."""
+    is the object networks' resolved precision (ptyinr.runtime.precision.resolve_precision)."""
     m = config.model
     u = wl.union_pixels
     tiled = tile_pixels > 0 and u > tile_pixels
@@ -771,11 +772,9 @@ def _faster_precisions(
     speed should see what it buys)."""
     import torch
 
-    from pipeline.fastpaths import native_bf16
-
     if config.model.object != "siren" or "gemm_bf16" not in rates:
         return {}
-    if not native_bf16(torch.device(device_type)):
+    if not precision_rules.native_bf16(torch.device(device_type)):
         return {}
     return {
         p: estimate_time(wl, config, rates, tile_pixels, p)["epoch"]
@@ -795,9 +794,6 @@ def plan_for_store(
 ) -> Plan:
     """Plan a reconstruction of a scan store without reading its frames (on `device_type`
     with `available` bytes when given: another machine's device, no time estimate)."""
-    from pipeline import store
-    from pipeline.reconstruct import store_geometry
-    from pipeline.train import select_device
 
     ds = store.open_scan_store(path)
     source = store.resolve_source(ds, config.data.source)

@@ -1,0 +1,311 @@
+"""The engine protocol: what every reconstruction method provides, and the loop they share.
+
+An engine is built by the launcher (ptyinr.launch) with everything decided: the scan's data,
+its geometry (object grid and windows), the frozen configuration and the resolved runtime
+(device, memory choices, precision, ranks). `fit` runs the remaining epochs and returns a
+`Reconstruction`. Subclasses implement one epoch (`run_epoch`), the current object and probe
+(`current_object`, `current_probe`) and their resumable state (`engine_state`,
+`load_engine_state`); the epoch loop, progress, checkpoints and the labelled result are here,
+the same for every method.
+
+Checkpoints are `torch.save` files of tensors, numbers, strings and lists only, read back
+with `weights_only=True`: loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ptyinr.config import ReconstructionConfig
+from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.physics import ScanGeometry
+from ptyinr.probe_guess import ProbeStart, TrialData, choose_probe_start, compact_patch
+from ptyinr.runtime import Runtime
+from ptyinr.runtime.frames import Measurements
+from ptyinr.scandata import Reconstruction, ScanData, labelled_result
+from ptyinr.version import __version__
+
+
+class Engine(ABC):
+    """One reconstruction method. Class attributes say what the launcher may ask of it."""
+
+    #: the name `model.method` selects it by (ptyinr.engines.ENGINES)
+    name: ClassVar[str]
+    #: whether it trains data-parallel (ranks sharing batches through runtime.parallel)
+    data_parallel: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        data: ScanData,
+        config: ReconstructionConfig,
+        geometry: ScanGeometry,
+        runtime: Runtime,
+        *,
+        known_probe: np.ndarray | None = None,
+    ) -> None:
+        if known_probe is not None and tuple(known_probe.shape) != data.frame_shape:
+            raise InputError(
+                f"known probe: shape {tuple(known_probe.shape)}, expected {data.frame_shape} "
+                "(the diffraction frame shape)"
+            )
+        if runtime.world_size > 1 and not self.data_parallel:
+            raise InputError(
+                f"model.method = {self.name!r} does not train data-parallel; "
+                "drop --gpus/--processes (or choose model.method = ptyinr or pixels)"
+            )
+        self.data = data
+        self.config = config
+        self.geometry = geometry
+        self.runtime = runtime
+        self.device = runtime.device
+        self.known_probe = known_probe
+        self.step = 0
+        self.epoch = 0
+        self.loss_history: list[float] = []
+        self.seconds = 0.0
+
+    @classmethod
+    def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
+        """The configuration as this engine runs it (e.g. pinning its representations), so
+        the plan, the record and the checkpoint see what really runs. Default: unchanged."""
+        return config
+
+    # -- what each method provides ------------------------------------------------------------
+
+    @abstractmethod
+    def run_epoch(self) -> float:
+        """One pass over the positions; returns the epoch's mean data loss."""
+
+    @abstractmethod
+    def current_object(self) -> np.ndarray:
+        """The object on the geometry's grid, complex64 (H, W)."""
+
+    @abstractmethod
+    def current_probe(self) -> np.ndarray:
+        """The probe (unshifted, as a window sees it at whole-pixel positions), complex64."""
+
+    @abstractmethod
+    def engine_state(self) -> dict[str, Any]:
+        """The method's resumable state: tensors, numbers, strings, lists and dicts of them."""
+
+    @abstractmethod
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        """Restore what `engine_state` returned."""
+
+    def info(self) -> dict[str, Any]:
+        """Method-specific bookkeeping for the run's attrs."""
+        return {}
+
+    # -- shared by all ------------------------------------------------------------------------
+
+    def measurements(self) -> Measurements:
+        """The scan's amplitudes on the device, resident or streamed as the runtime decided."""
+        return Measurements(
+            self.data,
+            self.device,
+            stream=self.runtime.stream,
+            pin_memory=self.runtime.pin_memory,
+            parallel=self.runtime.parallel,
+        )
+
+    def choose_probe_start(self, measured: Measurements) -> ProbeStart:
+        """Where an unknown probe starts (model.probe_init: data, optics, file, random);
+        ptyinr.probe_guess records how it was chosen."""
+        if self.known_probe is not None:
+            return ProbeStart(None, {"method": "known"})
+        data = self.data
+
+        def trial() -> TrialData:  # a compact patch of the scan for the trial fits
+            patch = compact_patch(data.positions_px)
+            geometry = ScanGeometry.from_positions(
+                data.positions_px[patch],
+                data.frame_shape,
+                round_positions=self.config.train.positions == "round",
+            )
+            amplitudes = measured.amplitude(torch.as_tensor(patch, device=self.device), patch)
+            return TrialData(amplitudes.float(), geometry, measured.valid)
+
+        return choose_probe_start(
+            self.config,
+            data.frame_shape,
+            lambda: measured.mean_pattern,
+            trial,
+            wavelength_m=data.wavelength_m,
+            pixel_size_m=data.pixel_size,
+            detector=(data.detector_distance_m, data.detector_pixel_size_m),
+        )
+
+    def check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise ReconstructionFailed(
+                f"loss became {value} at step {self.step} (epoch {self.epoch + 1}) of "
+                f"model.method = {self.name!r}; try lower learning rates or step sizes"
+            )
+
+    def train_epoch(self) -> float:
+        """One epoch, counted, timed and recorded; its mean data loss."""
+        started = time.perf_counter()
+        value = self.run_epoch()
+        self.epoch += 1
+        self.seconds += time.perf_counter() - started
+        self.loss_history.append(value)
+        return value
+
+    def fit(
+        self,
+        *,
+        checkpoint_path: Path | None = None,
+        progress: bool = True,
+        description: str = "reconstructing",
+        on_epoch: Callable[[int, float], None] | None = None,
+    ) -> Reconstruction:
+        """Run the remaining epochs (resuming from `checkpoint_path` when it exists)."""
+        train = self.config.train
+        if checkpoint_path is not None and Path(checkpoint_path).exists():
+            self.load_checkpoint(checkpoint_path)
+        last_checkpoint_step = self.step
+        bar = progress_bar(progress and self.runtime.is_root)
+        with bar:
+            task = bar.add_task(
+                description, total=train.epochs, completed=self.epoch, loss=math.nan
+            )
+            while self.epoch < train.epochs:
+                value = self.train_epoch()
+                bar.update(task, advance=1, loss=value)
+                if on_epoch is not None:
+                    on_epoch(self.epoch, value)
+                due = (
+                    train.checkpoint_every
+                    and self.step - last_checkpoint_step >= train.checkpoint_every
+                )
+                if checkpoint_path is not None and due and self.epoch < train.epochs:
+                    self.save_checkpoint(checkpoint_path)
+                    last_checkpoint_step = self.step
+        return self.result()
+
+    def save_checkpoint(self, path: Path) -> None:
+        """State and counters, written atomically (tmp file then rename) by the root rank."""
+        if not self.runtime.is_root:
+            return  # ranks hold identical state
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "engine": self.name,
+            "state": self.engine_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss_history": [float(v) for v in self.loss_history],
+            "seconds": self.seconds,
+            "config": self.config.model_dump(),
+        }
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Resume from a checkpoint of the same method and configuration (InputError
+        naming the file otherwise)."""
+        state = read_checkpoint(path, self.device)
+        saved = dict(state.get("config", {}))
+        current = self.config.model_dump()
+        if state.get("engine", "ptyinr") != self.name:
+            raise InputError(
+                f"checkpoint {str(path)!r}: written by model.method = {state.get('engine')!r}, "
+                f"this run is {self.name!r}; delete the checkpoint or use the same method"
+            )
+        for section in ("model", "data"):
+            if saved.get(section) != current.get(section):
+                raise InputError(
+                    f"checkpoint {str(path)!r}: [{section}] differs from this run's config; "
+                    "delete the checkpoint or use the same configuration"
+                )
+        self.load_engine_state(state["state"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.loss_history = [float(v) for v in state["loss_history"]]
+        self.seconds = float(state["seconds"])
+
+    @torch.no_grad()
+    def result(self) -> Reconstruction:
+        """The labelled object, probe and loss curve, with the run's bookkeeping."""
+        info = {
+            "method": self.name,
+            "epochs": int(self.epoch),
+            "steps": int(self.step),
+            "train_seconds": float(self.seconds),
+            "seconds_per_epoch": float(self.seconds / max(self.epoch, 1)),
+            "final_loss": float(self.loss_history[-1]) if self.loss_history else math.nan,
+            "known_probe": self.known_probe is not None,
+            **self.runtime.record(),
+            **self.info(),
+            "versions": {"ptyinr": __version__, "torch": torch.__version__},
+        }
+        return labelled_result(
+            self.current_object(),
+            self.current_probe(),
+            self.loss_history,
+            self.geometry,
+            self.data.pixel_size,
+            info,
+        )
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, without running anything it holds (weights_only): a file that
+    is not one of ours, or is truncated, is an InputError naming it."""
+    try:
+        state = torch.load(Path(path), map_location=device, weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated, not a torch file
+        raise InputError(
+            f"checkpoint {str(path)!r}: not a readable ptyinr checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); delete it to start over"
+        ) from None
+    if not isinstance(state, dict) or "state" not in state or "epoch" not in state:
+        raise InputError(f"checkpoint {str(path)!r}: not a ptyinr checkpoint; delete it")
+    return state
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """Epoch a checkpoint reached (0 when there is none or it cannot be read)."""
+    if not Path(path).is_file():
+        return 0
+    try:
+        return int(read_checkpoint(path)["epoch"])
+    except InputError:
+        return 0
+
+
+def progress_bar(enabled: bool) -> Progress | contextlib.AbstractContextManager:
+    """Epoch, loss and time left, or nothing."""
+    if not enabled:
+        return _SilentProgress()
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]:.3e}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+class _SilentProgress(contextlib.nullcontext):
+    """The bits of rich.Progress the loop calls, doing nothing."""
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None

@@ -1,0 +1,332 @@
+"""PtyINR: object and probe as neural fields fitted by gradient descent on the measured data.
+
+Forward model (ptyinr.physics): the object field is evaluated on the object pixels the batch's
+windows cover, each window's probe is shifted by its sub-pixel fraction, and the predicted
+intensity is |FFT2(probe x patch)|^2. Loss (paper eq. 2): the data term `train.loss`
+(ptyinr.losses; SmoothL1(beta) of sqrt intensities) plus lambda * mean normalised probe
+amplitude during the first k steps. Adam with separate learning rates for object and probe,
+warm-up and cosine decay (`learning_rate_factor`). Full batch or mini-batches over positions
+(ptyinr.batching); each epoch's order comes from (seed, epoch) alone, so a run resumed from a
+checkpoint takes exactly the steps an uninterrupted run would have taken.
+
+Measured intensities are divided by their global maximum (so beta has one meaning across
+datasets); the probe's learnable scale absorbs the detector's count scale. Representations
+(model.object = siren | hashgrid | pixels, model.probe = hashgrid | pixels) come from
+ptyinr.models; how the step runs (device, tiles, frame chunks, streamed frames, precision,
+ranks) comes from the runtime the launcher resolved.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptyinr.batching import epoch_batches
+from ptyinr.config import ReconstructionConfig, TrainConfig
+from ptyinr.engines.base import Engine
+from ptyinr.losses import get_loss
+from ptyinr.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
+from ptyinr.physics import ScanGeometry, far_field_intensity, fourier_shift
+from ptyinr.runtime import Runtime
+from ptyinr.runtime.tiles import NO_GRAD_CHUNK, sample_object, spread_subset, thin
+from ptyinr.scandata import ScanData
+
+SCALE_LR = 1e-3  # learning rate of the probe's global log-scale (one scalar)
+
+
+def learning_rate_factor(train: TrainConfig, step: int, total_steps: int) -> float:
+    """Share of the configured learning rates at `step` (1-based) of `total_steps`: linear
+    warm-up, then cosine decay to `train.lr_final` (train.lr_schedule = "cosine"), or 1.
+    A function of the step alone, so a resumed run continues the same schedule."""
+    if train.lr_schedule == "constant":
+        return 1.0
+    warmup = train.lr_warmup * total_steps
+    if step <= warmup:
+        return max(step / warmup, 1e-3)
+    progress = min((step - warmup) / max(total_steps - warmup, 1.0), 1.0)
+    return train.lr_final + (1.0 - train.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PtyINREngine(Engine):
+    """Object and probe fields, Adam, and the forward model on the runtime's device."""
+
+    name = "ptyinr"
+    data_parallel = True
+
+    def __init__(
+        self,
+        data: ScanData,
+        config: ReconstructionConfig,
+        geometry: ScanGeometry,
+        runtime: Runtime,
+        *,
+        known_probe: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(data, config, geometry, runtime, known_probe=known_probe)
+        train = config.train
+        torch.manual_seed(train.seed)
+        self.parallel = runtime.parallel
+        self.loss_fn = get_loss(train.loss)
+        self.measured = self.measurements()
+        self.top_left = torch.as_tensor(geometry.top_left, device=self.device)
+        self.subpixel = torch.as_tensor(geometry.subpixel, dtype=torch.float32, device=self.device)
+        self.use_subpixel = bool(np.abs(geometry.subpixel).max(initial=0.0) > 1e-6)
+        self.batch_size = train.batch_size_for(geometry.n_positions)
+        self._centres = geometry.window_centres_on_grid()
+        self.probe_start = self.choose_probe_start(self.measured)
+        initial_probe = self.probe_start.probe
+        self.object: ObjectField
+        self.probe: ProbeField
+        self.object, self.probe = self.build_fields(known_probe, initial_probe)
+        if self.probe.kind == "hashgrid" and initial_probe is not None:
+            error = self.probe.fit_to(
+                initial_probe,
+                steps=config.model.probe_init_steps,
+                progress=sys.stderr.isatty() and runtime.is_root,  # where someone watches
+            )
+            self.probe_start.record["warm_start_error"] = float(error)
+        self._initialise_probe_scale()
+        self.optimizer, self._parameters = self._optimizer()
+        n = geometry.n_positions
+        self.steps_per_epoch = 1 if self.batch_size <= 0 else math.ceil(n / self.batch_size)
+        self.autocast_dtype = runtime.prepare_object_field(self.object)
+        if self.parallel is not None:
+            self.parallel.broadcast_parameters(self.object, self.probe)
+        self._full_batch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full_union: torch.Tensor | None = None
+
+    def build_fields(
+        self, known_probe: np.ndarray | None, initial_probe: np.ndarray | None
+    ) -> tuple[ObjectField, ProbeField]:
+        """The object and probe representations model.object / model.probe name."""
+        model = self.config.model
+        obj = build_object_field(self.geometry.object_shape, model).to(self.device)
+        probe = build_probe_field(
+            self.data.frame_shape, model, known_probe=known_probe, initial_probe=initial_probe
+        ).to(self.device)
+        return obj, probe
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+        """Adam over object, probe shape and the probe's global log-scale (own rates)."""
+        train = self.config.train
+        object_params = list(self.object.parameters())
+        probe_params = [p for n, p in self.probe.named_parameters() if n != "log_scale"]
+        groups: list[dict[str, Any]] = [
+            {"params": object_params, "lr": train.lr_object},
+            {"params": [self.probe.log_scale], "lr": SCALE_LR},
+        ]
+        if probe_params:
+            groups.append({"params": probe_params, "lr": train.lr_probe})
+        for group in groups:
+            group["base_lr"] = group["lr"]
+        return torch.optim.Adam(groups), [p for group in groups for p in group["params"]]
+
+    # -- forward model -------------------------------------------------------------------------
+
+    def _window_indices(self, batch: torch.Tensor) -> torch.Tensor:
+        """Flat object-pixel index of every window pixel of the batch, (B, Ny, Nx)."""
+        ny, nx = self.geometry.window_shape
+        width = self.geometry.object_shape[1]
+        tl = self.top_left[batch]
+        rows = tl[:, 0, None] + torch.arange(ny, device=self.device)[None, :]
+        cols = tl[:, 1, None] + torch.arange(nx, device=self.device)[None, :]
+        return rows[:, :, None] * width + cols[:, None, :]
+
+    def _pixels_of(self, batch: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique object pixels under the batch's windows, and how to spread them back."""
+        if full and self._full_batch_cache is not None:
+            return self._full_batch_cache
+        unique, inverse = torch.unique(self._window_indices(batch), return_inverse=True)
+        if full:
+            self._full_batch_cache = (unique, inverse)
+        return unique, inverse
+
+    def _sample_object(self, pixels: torch.Tensor) -> torch.Tensor:
+        runtime = self.runtime
+        return sample_object(
+            self.object, pixels, runtime.tile_pixels, self.autocast_dtype, runtime.chunk_pixels
+        )
+
+    def _probes(self, probe: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """The batch's probes, each shifted by its window's sub-pixel fraction."""
+        if self.use_subpixel:
+            return fourier_shift(probe, self.subpixel[batch])
+        return probe[None]
+
+    def predict(self, batch: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted intensities (B, Ny, Nx) and the mean normalised probe amplitude."""
+        unique, inverse = self._pixels_of(batch, full)
+        patches = self._sample_object(unique)[inverse]
+        probe, mean_amplitude = self.probe()
+        return far_field_intensity(self._probes(probe, batch) * patches), mean_amplitude
+
+    def _union_of(self, batch: torch.Tensor, chunk: int, full: bool) -> torch.Tensor:
+        """Sorted unique object pixels under the batch's windows, merged chunk by chunk so
+        the window indices of the whole batch are never held at once."""
+        if full and self._full_union is not None:
+            return self._full_union
+        union: torch.Tensor | None = None
+        for start in range(0, len(batch), chunk):
+            part = torch.unique(self._window_indices(batch[start : start + chunk]))
+            union = part if union is None else torch.unique(torch.cat([union, part]))
+        assert union is not None
+        if full:
+            self._full_union = union
+        return union
+
+    def _regularising(self) -> bool:
+        """Whether this step adds the probe regulariser (on one rank only)."""
+        train = self.config.train
+        return (
+            self.probe.kind != "fixed"
+            and self.step <= train.probe_reg_steps
+            and self.runtime.is_root
+        )
+
+    def _chunked_backward(
+        self, batch: torch.Tensor, batch_indices: np.ndarray, full: bool, weight: float
+    ) -> torch.Tensor:
+        """One step's data loss and gradients with the forward model in chunks of frames
+        (runtime.frame_chunk), for batches whose forward model does not fit at once.
+
+        The object networks run once on the batch's pixel union and the probe networks once;
+        their outputs enter the chunks as detached leaves, each chunk's loss backpropagates
+        into the leaves, and the leaves' gradients then flow through the networks in one
+        backward pass: the same gradients as one graph over the whole batch, with the memory
+        of one chunk. Returns the (detached) data loss, scaled by `weight`."""
+        train = self.config.train
+        chunk = self.runtime.frame_chunk
+        union = self._union_of(batch, chunk, full)
+        values = self._sample_object(union)
+        object_leaf = values.detach().requires_grad_(True)
+        probe, mean_probe_amplitude = self.probe()
+        probe_leaf = probe.detach().requires_grad_(probe.requires_grad)
+        measured = self.measured.amplitude(batch, batch_indices)
+        n = len(batch)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, n, chunk):
+            part = batch[start : start + chunk]
+            inverse = torch.searchsorted(union, self._window_indices(part))
+            predicted = far_field_intensity(self._probes(probe_leaf, part) * object_leaf[inverse])
+            loss = self.loss_fn(
+                predicted, measured[start : start + chunk], train.loss_beta, self.measured.valid
+            ) * (weight * len(part) / n)
+            loss.backward()
+            total += loss.detach()
+        outputs: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        for output, leaf in ((values, object_leaf), (probe, probe_leaf)):
+            if output.requires_grad and leaf.grad is not None:
+                outputs.append(output)
+                grads.append(leaf.grad)
+        if self._regularising():
+            outputs.append(train.probe_reg_lambda * mean_probe_amplitude)
+            grads.append(None)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        return total
+
+    @torch.no_grad()
+    def _initialise_probe_scale(self) -> None:
+        """Start with predicted frame energy equal to measured (object amplitude ~ 1)."""
+        measured_energy = self.measured.mean_energy
+        probe_energy = float(self.probe.normalised().abs().square().sum())
+        positions = spread_subset(self.geometry.n_positions, self.geometry.window_shape)
+        sample = thin(torch.unique(self._window_indices(torch.as_tensor(positions))))
+        tile = self.runtime.tile_pixels or NO_GRAD_CHUNK
+        object_power = float(sample_object(self.object, sample, tile).abs().square().mean())
+        ratio = measured_energy / max(probe_energy * object_power, 1e-30)
+        self.probe.log_scale.fill_(0.5 * math.log(max(ratio, 1e-30)))
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def train_step(self, batch_indices: np.ndarray, full: bool) -> float:
+        """One optimiser step on a (global) batch of positions; returns its data loss."""
+        train = self.config.train
+        share = 1.0
+        if self.parallel is not None:  # this rank's part of the global batch
+            batch_indices, share = self.parallel.shard(batch_indices)
+        batch = torch.as_tensor(batch_indices, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.parallel is not None and len(batch_indices) == 0:
+            # a short last batch left this rank nothing (rank 0 always has positions)
+            loss = data_loss = torch.zeros((), device=self.device)
+        elif 0 < self.runtime.frame_chunk < len(batch_indices):
+            # gradients are accumulated chunk by chunk; the returned loss carries no graph
+            loss = data_loss = self._chunked_backward(batch, batch_indices, full, share)
+        else:
+            predicted, mean_probe_amplitude = self.predict(batch, full)
+            data_loss = self.loss_fn(
+                predicted,
+                self.measured.amplitude(batch, batch_indices),
+                train.loss_beta,
+                self.measured.valid,
+            )
+            if self.parallel is not None:  # local mean -> its share of the global mean
+                data_loss = data_loss * share
+            loss = data_loss
+            if self._regularising():
+                loss = loss + train.probe_reg_lambda * mean_probe_amplitude
+        if self.parallel is None:
+            value = float(data_loss.detach())
+            self.check_finite(value)
+        if loss.requires_grad:
+            loss.backward()
+        if self.parallel is not None:  # sum gradients and loss over ranks
+            value = self.parallel.all_reduce(self._parameters, data_loss)
+            self.check_finite(value)
+        factor = learning_rate_factor(train, self.step, train.epochs * self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.optimizer.step()
+        return value
+
+    def run_epoch(self) -> float:
+        train = self.config.train
+        full = self.batch_size <= 0
+        losses, weights = [], []
+        schedule = list(
+            epoch_batches(self._centres, self.batch_size, train.batches, train.seed, self.epoch)
+        )
+        if self.measured.stream is not None:  # read the epoch's frames ahead
+            self.measured.expect(
+                [b if self.parallel is None else self.parallel.shard(b)[0] for b in schedule]
+            )
+        for batch in schedule:
+            losses.append(self.train_step(batch, full))
+            weights.append(len(batch))
+        return float(np.average(losses, weights=weights))
+
+    # -- state and results ---------------------------------------------------------------------
+
+    def engine_state(self) -> dict[str, Any]:
+        return {
+            "object": self.object.state_dict(),
+            "probe": self.probe.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        self.object.load_state_dict(state["object"])
+        self.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def current_object(self) -> np.ndarray:
+        return self.object.full().cpu().numpy().astype(np.complex64)
+
+    @torch.no_grad()
+    def current_probe(self) -> np.ndarray:
+        return self.probe()[0].cpu().numpy().astype(np.complex64)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "intensity_scale": self.measured.scale,
+            "batch_size": int(self.batch_size),
+            "probe_start": self.probe_start.record,
+        }

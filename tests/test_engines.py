@@ -1,0 +1,124 @@
+"""The engine seam: the registry by name, what an engine resolves, checkpoints that never run
+code, and fixed-seed results unchanged by the move of the trainer behind the protocol.
+
+tests/data/fixed_seed_reference.npz holds the results of the trainer before it became
+`engines.ptyinr` (commit 2423331), made by the cases below with one torch thread:
+`fit(ScanData(sim["intensities"], sim["positions_px"]), load_config(overrides=CASES[name]))`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import TINY_MODEL
+
+from ptyinr.config import load_config
+from ptyinr.engines import ENGINES, get_engine
+from ptyinr.engines.base import checkpoint_epoch, read_checkpoint
+from ptyinr.engines.pixels import PixelEngine
+from ptyinr.errors import ConfigError, InputError
+from ptyinr.launch import build_engine, fit
+from ptyinr.scandata import ScanData
+from ptyinr.simulate import SimulationConfig, simulate_scan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REFERENCE = Path(__file__).parent / "data" / "fixed_seed_reference.npz"
+CASES = {
+    "ptyinr": [*TINY_MODEL, "train.epochs=6", "train.device=cpu"],
+    "ptyinr_minibatch": [*TINY_MODEL, "train.epochs=3", "train.device=cpu", "train.batch_size=40"],
+    "pixels": [
+        *TINY_MODEL,
+        "train.epochs=6",
+        "train.device=cpu",
+        "model.object=pixels",
+        "model.probe=pixels",
+        "train.lr_object=1e-2",
+        "train.lr_probe=1e-2",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def sim() -> dict:
+    return simulate_scan(
+        SimulationConfig(object_size=40, probe_size=16, focus_fwhm_px=3, overlap=0.3)
+    )
+
+
+def data_of(sim: dict) -> ScanData:
+    return ScanData(sim["intensities"], sim["positions_px"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fixed_seed_results_match_the_trainer_before_the_move(sim, case):
+    reference = np.load(REFERENCE)
+    result = fit(data_of(sim), load_config(overrides=CASES[case]), progress=False)
+    np.testing.assert_allclose(result.loss.values, reference[f"{case}_loss"], rtol=1e-4)
+    for part in ("object", "probe"):
+        expected = reference[f"{case}_{part}"]
+        got = getattr(result, part).values
+        assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), part
+
+
+def test_the_pixels_method_is_the_pixel_representations(sim):
+    """model.method = pixels runs what model.object = model.probe = pixels ran before."""
+    reference = np.load(REFERENCE)
+    overrides = [o for o in CASES["pixels"] if not o.startswith(("model.object", "model.probe"))]
+    cfg = load_config(overrides=[*overrides, "model.method=pixels"])
+    assert cfg.model.object == "siren"  # as written; the engine pins its representations
+    engine = build_engine(data_of(sim), cfg)
+    assert isinstance(engine, PixelEngine)
+    assert (engine.config.model.object, engine.config.model.probe) == ("pixels", "pixels")
+    result = engine.fit(progress=False)
+    assert result.info["method"] == "pixels"
+    np.testing.assert_allclose(result.loss.values, reference["pixels_loss"], rtol=1e-4)
+
+
+def test_registry_names_each_engine_and_refuses_unknown_methods():
+    for name in ENGINES:
+        assert get_engine(name).name == name
+    with pytest.raises(ConfigError, match=r"model.method = 'nope'.*epie.*pixels.*ptyinr"):
+        get_engine("nope")
+    with pytest.raises(ConfigError, match=r"model\.method"):
+        load_config(overrides=["model.method=Not A Name"])
+
+
+def test_checkpoints_resume_and_never_unpickle_code(sim, tmp_path):
+    constant = [*CASES["ptyinr"], "train.lr_schedule=constant"]  # the same rates at 2 or 4
+    cfg = load_config(overrides=[*constant, "train.epochs=4"])
+    whole = fit(data_of(sim), cfg, progress=False)
+    engine = build_engine(data_of(sim), load_config(overrides=[*constant, "train.epochs=2"]))
+    engine.fit(progress=False)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path)
+    assert checkpoint_epoch(path) == 2
+    resumed = build_engine(data_of(sim), cfg).fit(checkpoint_path=path, progress=False)
+    np.testing.assert_allclose(resumed.loss.values, whole.loss.values, rtol=1e-5)
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    planted = tmp_path / "planted.pt"
+    planted.write_bytes(pickle.dumps({"state": Payload(), "epoch": 1}))
+    with pytest.raises(InputError, match=r"planted\.pt.*not a readable ptyinr checkpoint"):
+        read_checkpoint(planted)
+    with pytest.raises(InputError, match=r"planted\.pt"):
+        build_engine(data_of(sim), cfg).fit(checkpoint_path=planted, progress=False)
+    assert not marker.exists()
+    assert checkpoint_epoch(planted) == 0
+
+
+def test_a_checkpoint_of_another_method_is_refused(sim, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    pixels = load_config(overrides=[*CASES["pixels"], "train.epochs=1", "model.method=pixels"])
+    build_engine(data_of(sim), pixels).save_checkpoint(path)
+    other = load_config(overrides=[*CASES["pixels"], "train.epochs=2"])
+    with pytest.raises(InputError, match=r"model\.method = 'pixels'"):
+        build_engine(data_of(sim), other).fit(checkpoint_path=path, progress=False)
