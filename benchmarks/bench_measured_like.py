@@ -12,14 +12,16 @@ default local Dask cluster), timed from the command's start to its end:
               in defocus (a .npy file);
 - `pixels`:   the baseline: this project's pixel-grid object and probe (automatic
               differentiation, the same forward model and loss), from the same optics start,
-              with learning rates of a pixel grid.
+              with learning rates of a pixel grid;
+- `epie`:     the classical engine in the same pipeline (`model.method = epie`: rPIE, 30
+              sweeps), from the same data-derived start as `data`.
 
 Scores: object relative error against the ground truth (global phase, shift and phase ramp
 removed, scanned interior) and the FRC half-bit crossing (spatial frequency as a fraction of
 Nyquist, and half-period in metres). Results go to benchmarks/results/measured-like.json and a
 table on stdout (copied into RESULTS.md).
 
-    python benchmarks/bench_measured_like.py [--work DIR] [--cases data,optics,file,pixels]
+    python benchmarks/bench_measured_like.py [--work DIR] [--cases data,optics,file,pixels,epie]
 """
 
 from __future__ import annotations
@@ -76,14 +78,14 @@ def cases(sim: SimulationConfig, work: Path) -> dict[str, list[str]]:
             a
             for o in [
                 *optics_overrides(sim),
-                "model.object=pixels",
-                "model.probe=pixels",
+                "model.method=pixels",
                 "train.lr_object=2e-2",
                 "train.lr_probe=2e-2",
                 "train.epochs=100",
             ]
             for a in ("--set", o)
         ],
+        "epie": ["--set", "model.method=epie"],
     }
 
 
@@ -125,7 +127,7 @@ def run_case(scan: Path, name: str, args: list[str]) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/measured-like"))
-    parser.add_argument("--cases", default="data,optics,file,pixels")
+    parser.add_argument("--cases", default="data,optics,file,pixels,epie")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/measured-like.json")
     options = parser.parse_args()
     options.work.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,11 @@ from ptyinr.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown keys refused, and frozen once built (a run's configuration
+    is resolved once, `ptyinr.reconstruct.resolve_config`; changes make a new one with
+    `model_copy(update=...)`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(_Section):
@@ -227,8 +231,17 @@ class EpieConfig(_Section):
         description="rpie: denominators mix |P|^2 and max |P|^2 (alpha); epie: max |P|^2 "
         "only (the alphas are then unused)",
     )
-    object_step: float = Field(1.0, gt=0, le=2.0, description="object update step (beta_O)")
-    probe_step: float = Field(1.0, gt=0, le=2.0, description="probe update step (beta_P)")
+    object_step: float = Field(
+        0.5,
+        gt=0,
+        le=2.0,
+        description="object update step (beta_O). Larger steps converge faster but follow "
+        "each frame's noise: on the measured-like preset (Poisson counts, unknown probe) steps "
+        "of 1 drift from 0.07 to 0.16 object error in 30 sweeps, 0.5 reach 0.043 in 10 and "
+        "0.050 after 50, 0.25 settle at 0.036 but recover slowly from a poor start (a scan "
+        "with dead bright-field pixels: 0.34 after 30 sweeps, 0.003 with 0.5)",
+    )
+    probe_step: float = Field(0.5, gt=0, le=2.0, description="probe update step (beta_P)")
     object_alpha: float = Field(
         0.1,
         ge=0,

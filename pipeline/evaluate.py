@@ -8,12 +8,12 @@ the scanned interior, plus the relative complex error. Without ground truth (mea
 estimate resolution by Fourier ring correlation (equation 11) between reconstructions from two
 interleaved halves of the scan, against the half-bit threshold (van Heel & Schatz 2005).
 
-Conventions (see DESIGN.md): arrays are (y, x); a ramp is exp(i (gy * y + gx * x + c)) with y, x
-the array indices and gy, gx in radians per pixel. Objects are xarray DataArrays with dims (y, x)
-and coordinates in metres (or pixels); the unit of a coordinate is read from its ``units``
-attribute, else from the DataArray's ``positions_unit`` attribute, else guessed from the spacing
-(below 1 mm: metres, otherwise pixels). All computations run in float64/complex128: this is
-scoring, not the hot path.
+Conventions (README, "Data conventions"): arrays are (y, x); a ramp is exp(i (gy * y + gx * x +
+c)) with y, x the array indices and gy, gx in radians per pixel. Objects are xarray DataArrays
+with dims (y, x) and coordinates in metres (or pixels); the unit of a coordinate is read from
+its ``units`` attribute, else from the DataArray's ``positions_unit`` attribute, else guessed
+from the spacing (below 1 mm: metres, otherwise pixels). All computations run in
+float64/complex128: this is scoring, not the hot path.
 """
 
 from __future__ import annotations

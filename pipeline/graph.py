@@ -365,14 +365,8 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
         remove_checkpoints(path, spec.run_id)
     ds = store.open_scan_store(path)
     cfg = spec.config
-    source = store.resolve_source(ds, cfg.data.source)
-    if source not in ds:
-        raise InputError(
-            f"{path}: data.source = {source!r} but the store has no {source!r} array; "
-            "run `ptyinr preprocess` (or pass --preprocess) or set data.source=intensities"
-        )
     cfg = resolve_config(cfg, ds)  # engine settings and data source, decided once for all parts
-    positions, geometry = store_geometry(ds, source, cfg)
+    positions, geometry = store_geometry(ds, cfg.data.source, cfg)
     frame_shape = geometry.window_shape
     centres = geometry.window_centres_on_grid()
     lo = np.maximum(np.ceil(centres.min(axis=0) - 1e-9).astype(int), 0)

@@ -1,8 +1,8 @@
 """Far-field ptychography forward model and the scan geometry it runs on.
 
-Conventions (DESIGN.md): exit = probe * object_patch; far field = orthonormal FFT2 of the exit
-wave; predicted intensity = |far field|^2 with the zero frequency moved to the frame centre.
-Everything in the hot path is complex64 and vectorised over scan positions.
+Conventions (README, "Data conventions"): exit = probe * object_patch; far field = orthonormal
+FFT2 of the exit wave; predicted intensity = |far field|^2 with the zero frequency moved to the
+frame centre. Everything in the hot path is complex64 and vectorised over scan positions.
 
 Sub-pixel positions: each window is placed on the object's integer pixel grid at the nearest
 whole pixel, and the remaining fraction (in [-0.5, 0.5)) is applied to the probe as an exact

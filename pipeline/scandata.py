@@ -258,8 +258,6 @@ def load_scan(path: str | Path, config: ReconstructionConfig, lazy: bool = False
     ds = store.open_scan_store(path)
     source = store.resolve_source(ds, config.data.source)
     if lazy:
-        if source not in ds:
-            store.load_frames(ds, source=source, indices=[])  # its error names the problem
         frames: Any = StoreFrames(str(path), source)
     else:
         frames = store.load_frames(ds, source=source)

@@ -1,6 +1,6 @@
 """Scan stores: one Zarr v3 store per scan, read and written as xarray Datasets.
 
-Layout (see DESIGN.md, "Zarr store"):
+Layout (README, "Scan stores"):
 
 ```
 <scan>.zarr
@@ -269,7 +269,7 @@ def create_scan_store(
                 "expected an xarray.DataArray"
             )
         if np.dtype(var.dtype) == np.complex128:
-            var = var.astype(np.complex64)  # DESIGN.md: complex64, never complex128
+            var = var.astype(np.complex64)  # complex64, never complex128 (README)
         ds[name] = var
     ds.attrs = json_safe(attrs)
 
@@ -475,9 +475,18 @@ def positions_px(
 
 
 def resolve_source(ds: xr.Dataset, source: str) -> str:
-    """data.source with "auto" decided for this store: preprocessed when present."""
+    """data.source decided for this store ("auto": preprocessed when present), checked to
+    exist: the one place a run's choice of frames is validated (StoreError naming the store)."""
     if source == "auto":
-        return PREPROCESSED if PREPROCESSED in ds else INTENSITIES
+        source = PREPROCESSED if PREPROCESSED in ds else INTENSITIES
+    if source not in (INTENSITIES, PREPROCESSED):
+        raise StoreError(f"data.source = {source!r}; expected intensities, preprocessed or auto")
+    if source not in ds:
+        raise StoreError(
+            f"{ds.encoding.get('source', '<dataset>')}: data.source = {source!r} but the store "
+            f"has no {source!r} array; run `ptyinr preprocess` (or pass --preprocess) or set "
+            "data.source=intensities"
+        )
     return source
 
 
@@ -490,15 +499,6 @@ def load_frames(
     `indices` selects frames along `scan` (default all).
     """
     source = resolve_source(ds, source)
-    if source not in (INTENSITIES, PREPROCESSED):
-        raise StoreError(
-            f"load_frames: source={source!r}; expected intensities, preprocessed or auto"
-        )
-    if source not in ds:
-        raise StoreError(
-            f"{ds.encoding.get('source', '<dataset>')}: array {source!r} missing; "
-            "run `ptyinr preprocess` first or use source='intensities'"
-        )
     arr = ds[source]
     if indices is not None:
         arr = arr.isel(scan=indices)

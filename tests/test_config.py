@@ -196,7 +196,11 @@ def test_bad_files_name_the_file(tmp_path):
     assert str(broken) in message and "TOML" in message
 
 
-def test_assignment_is_validated_too():
+def test_a_configuration_is_frozen_once_built():
     cfg = ReconstructionConfig()
-    with pytest.raises(ValidationError):
-        cfg.train.epochs = -1
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.epochs = 5
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train = cfg.train
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 5})})
+    assert changed.train.epochs == 5 and cfg.train.epochs != 5

@@ -106,7 +106,7 @@ def test_checkpoints_resume_and_never_unpickle_code(sim, tmp_path):
             return (Path.touch, (marker,))
 
     planted = tmp_path / "planted.pt"
-    planted.write_bytes(pickle.dumps({"state": Payload(), "epoch": 1}))
+    planted.write_bytes(pickle.dumps({"state": Payload(), "epoch": 1}, protocol=2))
     with pytest.raises(InputError, match=r"planted\.pt.*not a readable ptyinr checkpoint"):
         read_checkpoint(planted)
     with pytest.raises(InputError, match=r"planted\.pt"):
@@ -122,3 +122,9 @@ def test_a_checkpoint_of_another_method_is_refused(sim, tmp_path):
     other = load_config(overrides=[*CASES["pixels"], "train.epochs=2"])
     with pytest.raises(InputError, match=r"model\.method = 'pixels'"):
         build_engine(data_of(sim), other).fit(checkpoint_path=path, progress=False)
+
+
+def test_an_engine_without_data_parallel_training_refuses_ranks(sim):
+    cfg = load_config(overrides=[*CASES["pixels"], "model.method=epie", "train.epochs=1"])
+    with pytest.raises(InputError, match=r"'epie' does not train data-parallel"):
+        fit(data_of(sim), cfg, world_size=2, progress=False)

@@ -204,8 +204,14 @@ def test_failures_are_recorded_and_the_other_runs_finish(
         graph.RunSpec(store=corrupt, config=cfg, run_id="r1"),
         graph.RunSpec(store=diverging, config=cfg, run_id="r1"),
         graph.RunSpec(store=data, config=cfg, run_id="other", frc=False, force=True),
+        graph.RunSpec(
+            store=data,
+            config=load_config(overrides=[*FAST, "performance.memory_fraction=1e-9"]),
+            run_id="cannot-fit",
+            frc=False,
+        ),
     ]
-    bad, nan, good = graph.run_graph(client, specs)
+    bad, nan, good, too_big = graph.run_graph(client, specs)
 
     assert bad.status == "failed" and bad.stage == "prepare"
     assert "zarr" in bad.reason.lower() and not bad.recorded
@@ -222,7 +228,13 @@ def test_failures_are_recorded_and_the_other_runs_finish(
     assert attrs["status"] == "complete" and attrs["frc_requested"] is False
     assert "stale" not in attrs and attrs["epochs"] == 3
     assert "frc" not in store.open_run(data, "other")
-    assert store.list_runs(data)[-1]["subgroups"] == []
+    other = next(r for r in store.list_runs(data) if r["run_id"] == "other")
+    assert other["subgroups"] == []
+
+    # the memory plan refuses in `run` as in `reconstruct`: before training, with the reason
+    assert too_big.status == "failed" and too_big.recorded, too_big
+    assert "plan needs" in too_big.reason and "usable" in too_big.reason
+    assert store.open_run(data, "cannot-fit").attrs["status"] == "failed"
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -1,6 +1,6 @@
 """Forward model and scan geometry against independent NumPy computations.
 
-The references here are written from DESIGN.md's conventions, not from the engine's code:
+The references here are written from the README's data conventions, not from the engine's code:
 exit = P(r - p) * O(r) on the window whose centre pixel (index N // 2) sits at the position,
 far field = orthonormal FFT2, intensity = |far|^2 with the zero frequency at the frame centre.
 Patches are cut with a Python loop (fine in a test; the engine must not).
@@ -191,7 +191,7 @@ def test_round_positions_drops_the_fraction():
 
 @pytest.mark.parametrize("n", [8, 9])
 def test_window_centre_pixel_sits_on_the_position(n):
-    """DESIGN.md: a position is the coordinate of the window's pixel (N // 2, N // 2)."""
+    """README's conventions: a position is the coordinate of the window's pixel (N // 2, N // 2)."""
     positions = np.array([[20.0, 31.0], [25.0, 22.0], [27.25, 30.6]])
     g = ScanGeometry.from_positions(positions, (n, n), padding_px=3)
     ys, xs = g.pixel_coordinates()

@@ -215,3 +215,24 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], messa
     result = runner.invoke(_app(), filled)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_a_classical_engine_runs_through_run_with_frc(address, tmp_path: Path) -> None:
+    """`model.method = epie` uses the same graph: full + halves, FRC, figures, results; the
+    clean 40 % overlap scan converges to the ground truth (unknown probe, ramp removed)."""
+    sim = SimulationConfig(object_size=64, probe_size=16, focus_fwhm_px=3, overlap=0.4)
+    data = write_simulated_store(tmp_path / "clean.zarr", sim)
+    result = invoke(
+        "run", data, "--set", "model.method=epie", "--set", "train.epochs=20",
+        "--set", "train.threads=1", "--cluster", address, "--run-id", "classical",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run,) = store.list_runs(data)
+    assert run["status"] == "complete" and run["subgroups"] == ["half_a", "half_b"]
+    ds = store.open_run(data, "classical")
+    assert ds.attrs["method"] == "epie" and ds.attrs["config"]["model"]["method"] == "epie"
+    assert ds.attrs["config"]["model"]["object"] == "pixels"  # as the engine ran it
+    # clean data: the halves agree up to Nyquist (no crossing of the half-bit threshold)
+    assert "frc" in ds.variables and float(np.median(ds["frc"].values)) > 0.9
+    assert ds.attrs["resolved_to_nyquist"] or ds.attrs["resolution"] is not None
+    assert ds.attrs["quality"]["relative_error"] <= 0.05

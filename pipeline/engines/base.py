@@ -44,6 +44,8 @@ class Engine(ABC):
     name: ClassVar[str]
     #: whether it trains data-parallel (ranks sharing batches through runtime.parallel)
     data_parallel: ClassVar[bool] = False
+    #: config sections a checkpoint must agree on to be resumed (what the state depends on)
+    checkpoint_sections: ClassVar[tuple[str, ...]] = ("model", "data")
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class Engine(ABC):
         self.epoch = 0
         self.loss_history: list[float] = []
         self.seconds = 0.0
+        self._measured: Measurements | None = None
 
     @classmethod
     def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
@@ -110,14 +113,16 @@ class Engine(ABC):
     # -- shared by all ------------------------------------------------------------------------
 
     def measurements(self) -> Measurements:
-        """The scan's amplitudes on the device, resident or streamed as the runtime decided."""
-        return Measurements(
+        """The scan's amplitudes on the device, resident or streamed as the runtime decided
+        (closed when `fit` ends: a stream's read-ahead thread stops)."""
+        self._measured = Measurements(
             self.data,
             self.device,
             stream=self.runtime.stream,
             pin_memory=self.runtime.pin_memory,
             parallel=self.runtime.parallel,
         )
+        return self._measured
 
     def choose_probe_start(self, measured: Measurements) -> ProbeStart:
         """Where an unknown probe starts (model.probe_init: data, optics, file, random);
@@ -176,22 +181,26 @@ class Engine(ABC):
             self.load_checkpoint(checkpoint_path)
         last_checkpoint_step = self.step
         bar = progress_bar(progress and self.runtime.is_root)
-        with bar:
-            task = bar.add_task(
-                description, total=train.epochs, completed=self.epoch, loss=math.nan
-            )
-            while self.epoch < train.epochs:
-                value = self.train_epoch()
-                bar.update(task, advance=1, loss=value)
-                if on_epoch is not None:
-                    on_epoch(self.epoch, value)
-                due = (
-                    train.checkpoint_every
-                    and self.step - last_checkpoint_step >= train.checkpoint_every
+        try:
+            with bar:
+                task = bar.add_task(
+                    description, total=train.epochs, completed=self.epoch, loss=math.nan
                 )
-                if checkpoint_path is not None and due and self.epoch < train.epochs:
-                    self.save_checkpoint(checkpoint_path)
-                    last_checkpoint_step = self.step
+                while self.epoch < train.epochs:
+                    value = self.train_epoch()
+                    bar.update(task, advance=1, loss=value)
+                    if on_epoch is not None:
+                        on_epoch(self.epoch, value)
+                    due = (
+                        train.checkpoint_every
+                        and self.step - last_checkpoint_step >= train.checkpoint_every
+                    )
+                    if checkpoint_path is not None and due and self.epoch < train.epochs:
+                        self.save_checkpoint(checkpoint_path)
+                        last_checkpoint_step = self.step
+        finally:
+            if self._measured is not None:
+                self._measured.close()
         return self.result()
 
     def save_checkpoint(self, path: Path) -> None:
@@ -224,7 +233,7 @@ class Engine(ABC):
                 f"checkpoint {str(path)!r}: written by model.method = {state.get('engine')!r}, "
                 f"this run is {self.name!r}; delete the checkpoint or use the same method"
             )
-        for section in ("model", "data"):
+        for section in self.checkpoint_sections:
             if saved.get(section) != current.get(section):
                 raise InputError(
                     f"checkpoint {str(path)!r}: [{section}] differs from this run's config; "
@@ -259,6 +268,13 @@ class Engine(ABC):
             self.data.pixel_size,
             info,
         )
+
+
+def with_pixel_fields(config: ReconstructionConfig) -> ReconstructionConfig:
+    """`config` with pixel-array object and probe: what the pixel-grid engines run (the
+    memory plan, the record and checkpoints then describe them)."""
+    model = config.model.model_copy(update={"object": "pixels", "probe": "pixels"})
+    return config.model_copy(update={"model": model})
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

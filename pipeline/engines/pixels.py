@@ -5,6 +5,7 @@ comparison with `ptyinr` isolates what the neural fields bring."""
 from __future__ import annotations
 
 from ptyinr.config import ReconstructionConfig
+from ptyinr.engines.base import with_pixel_fields
 from ptyinr.engines.ptyinr import PtyINREngine
 
 
@@ -15,5 +16,5 @@ class PixelEngine(PtyINREngine):
 
     @classmethod
     def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
-        model = config.model.model_copy(update={"object": "pixels", "probe": "pixels"})
-        return config.model_copy(update={"model": model})
+        """Pixel arrays for object and probe, whatever the [model] section said."""
+        return with_pixel_fields(config)

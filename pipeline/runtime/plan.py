@@ -797,8 +797,6 @@ def plan_for_store(
 
     ds = store.open_scan_store(path)
     source = store.resolve_source(ds, config.data.source)
-    if source not in ds:
-        raise InputError(f"{path}: array {source!r} missing (data.source = {source!r})")
     _positions, geometry = store_geometry(ds, source, config)
     device = device_type or select_device(config.train.device).type
     return make_plan(
