@@ -134,7 +134,7 @@ class DataConfig(_Section):
     stream: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: read frames from the store per mini-batch when they do not fit the "
-        "device (ptyinr.plan); always; never: whole scan resident on the device",
+        "device (ptyinr.runtime.plan); always; never: whole scan resident on the device",
     )
 
 

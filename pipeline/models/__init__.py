@@ -1,6 +1,6 @@
 """Representations of the object and the probe: SIREN, hash-grid MLP, or plain pixels.
 
-`fields` turns a configuration into an `ObjectField` and a `ProbeField`; the trainer only
+`fields` turns a configuration into an `ObjectField` and a `ProbeField`; the engine only
 talks to those two interfaces.
 """
 

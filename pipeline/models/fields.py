@@ -1,4 +1,4 @@
-"""Object and probe fields: what the trainer optimises, whatever represents them.
+"""Object and probe fields: what the gradient engines optimise, whatever represents them.
 
 `ObjectField` answers "complex object at these pixels" for any subset of the object grid, so
 a mini-batch evaluates its networks only on the pixels its windows cover. `ProbeField` gives

@@ -64,7 +64,7 @@ class Siren(nn.Module):
             self.head.weight.uniform_(-bound, bound)
             self.head.bias.zero_()
 
-        # set by ptyinr.fastpaths.set_object_precision: bfloat16 hidden layers (bf16), or
+        # set by ptyinr.runtime.precision.set_object_precision: bfloat16 hidden layers (bf16), or
         # a float32 forward pass with bfloat16 backward GEMMs (bf16-backward)
         self.hidden_dtype: torch.dtype | None = None
         self.grad_dtype: torch.dtype | None = None

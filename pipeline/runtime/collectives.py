@@ -52,7 +52,7 @@ def split_batch(batch: np.ndarray, key: np.ndarray, world_size: int) -> list[np.
 
 @dataclass
 class ParallelContext:
-    """What a Trainer needs to know about its place in a data-parallel group."""
+    """What an engine needs to know about its place in a data-parallel group."""
 
     rank: int
     world_size: int
@@ -65,7 +65,7 @@ class ParallelContext:
         return self.rank == 0
 
     def bind(self, geometry: ScanGeometry) -> None:
-        """Spatial order of the scan's windows (called once by the Trainer)."""
+        """Spatial order of the scan's windows (called once by runtime.resolve_runtime)."""
         self._key = morton_key(geometry.top_left)
         self._full = None
 

@@ -53,7 +53,7 @@ def frame_stats(
     frames: Any, bad_pixels: np.ndarray | None = None, frames_per_block: int = 256
 ) -> dict[str, Any]:
     """One pass over all frames: max, mean pattern and mean frame energy (of the amplitudes
-    the trainer derives). Bad pixels count as zero, as in the resident trainer. The mean
+    the engines see). Bad pixels count as zero, as in resident `Measurements`. The mean
     pattern is accumulated frame after frame in float32, exactly as numpy's mean over the
     in-memory scan, so streamed and resident runs start from the same probe guess."""
     n = int(frames.shape[0])

@@ -1,5 +1,5 @@
 """Resource plan of a reconstruction: peak memory per device and time per epoch, before any
-allocation, and the memory-driven choices (object tiles, streamed frames) the trainer makes.
+allocation, and the memory-driven choices (object tiles, streamed frames) the runtime makes.
 
 Memory model (bytes per device), each term from the code it describes:
 
@@ -17,7 +17,7 @@ Memory model (bytes per device), each term from the code it describes:
   and inverse, gathered patches, shifted probes, exit wave, far field (complex64), predicted
   and measured amplitudes, loss terms and their gradients;
 - diffraction data: resident frames (4 B per frame pixel on the device; on a CPU device the
-  loaded copy and the trainer's amplitudes are both in RAM), or a few streamed batches;
+  loaded copy and the engine's amplitudes are both in RAM), or a few streamed batches;
 - the torch runtime (threads, kernel caches: 80 MiB measured on CPU; 512 MiB assumed on
   CUDA) and, on CPU with the reusing heap, glibc's slack (40 % of the step's tensors,
   measured); the CPU budget is the available RAM or the cgroup's remaining limit.
@@ -325,7 +325,7 @@ def estimate_memory(
         loading = data
     else:
         data = scan_bytes + loaded
-        # the trainer converts loaded (or materialised) frames into amplitudes: both alive
+        # the engine converts loaded (or materialised) frames into amplitudes: both alive
         loading = 2 * scan_bytes if device_type == "cpu" else scan_bytes
     parts = {
         "parameters + Adam": (counts["object"] + counts["probe"]) * PARAMETER_BYTES,
