@@ -6,9 +6,9 @@ engine's own settings, the data source), read the frames and positions, fit with
 `model.method` names (ptyinr.launch), write `reconstructions/<run_id>` (object, probe, loss,
 resolved config, timings, versions, quality against ground truth when the store has it), mark
 it complete last.
-Checkpoints live in the store too (`checkpoints/<run_id>/<part>.pt`, outside the Zarr
-hierarchy) so a resubmitted run resumes where it stopped; they and their folder go once
-the run is complete, leaving a pure Zarr store.
+Checkpoints live in the store too (the Zarr group `checkpoints/<run_id>/<part>`: tensors
+and a JSON record, never pickles; ptyinr.engines.checkpoint) so a resubmitted run resumes
+where it stopped; they go once the run is complete.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def load_probe_file(path: str | Path, frame_shape: tuple[int, int]) -> np.ndarra
 
 
 def checkpoint_path(store_path: Path, run_id: str, part: str = "full") -> Path:
-    return Path(store_path) / CHECKPOINTS / run_id / f"{part}.pt"
+    """Where a run's part keeps its checkpoint: a Zarr group of the scan store."""
+    return Path(store_path) / CHECKPOINTS / run_id / part
 
 
 def quality(result: Reconstruction, ds: xr.Dataset) -> dict[str, float]:
@@ -159,12 +160,9 @@ def reconstruct_store(
 
 
 def remove_checkpoints(store_path: Path, run_id: str) -> None:
-    """Checkpoints of a finished run are no longer needed. The `checkpoints/` folder goes
-    too once no run has any: Zarr warns about every non-Zarr folder when it lists the
-    store's members, so it should only exist while a run can still resume."""
+    """Checkpoints of a finished run are no longer needed; the `checkpoints` group goes too
+    once no run has any (a store of finished runs holds nothing to resume)."""
     folder = Path(store_path) / CHECKPOINTS
     shutil.rmtree(folder / run_id, ignore_errors=True)
-    try:
-        folder.rmdir()  # only when empty: other runs' checkpoints stay
-    except OSError:
-        pass
+    if folder.is_dir() and not any(p.is_dir() for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)

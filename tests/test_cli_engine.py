@@ -172,8 +172,8 @@ def test_removing_one_runs_checkpoints_keeps_the_others(tmp_path):
     from ptyinr.reconstruct import checkpoint_path, remove_checkpoints
 
     for run in ("a", "b"):
-        checkpoint_path(tmp_path, run).parent.mkdir(parents=True)
-        checkpoint_path(tmp_path, run).write_bytes(b"state")
+        checkpoint_path(tmp_path, run).mkdir(parents=True)
+        (checkpoint_path(tmp_path, run) / "zarr.json").write_text("{}")
     remove_checkpoints(tmp_path, "a")
     assert not checkpoint_path(tmp_path, "a").parent.exists()
     assert checkpoint_path(tmp_path, "b").exists()

@@ -17,7 +17,8 @@ from tiny import TINY_MODEL
 
 from ptyinr.config import load_config
 from ptyinr.engines import ENGINES, get_engine
-from ptyinr.engines.base import checkpoint_epoch, read_checkpoint
+from ptyinr.engines.base import checkpoint_epoch
+from ptyinr.engines.checkpoint import UnreadableCheckpoint, load_state
 from ptyinr.engines.pixels import PixelEngine
 from ptyinr.errors import ConfigError, InputError
 from ptyinr.launch import build_engine, fit
@@ -87,36 +88,65 @@ def test_registry_names_each_engine_and_refuses_unknown_methods():
         load_config(overrides=["model.method=Not A Name"])
 
 
-def test_checkpoints_resume_and_never_unpickle_code(sim, tmp_path):
+def test_checkpoints_resume_and_never_unpickle_code(sim, tmp_path, capsys):
     constant = [*CASES["ptyinr"], "train.lr_schedule=constant"]  # the same rates at 2 or 4
     cfg = load_config(overrides=[*constant, "train.epochs=4"])
     whole = fit(data_of(sim), cfg, progress=False)
     engine = build_engine(data_of(sim), load_config(overrides=[*constant, "train.epochs=2"]))
     engine.fit(progress=False)
-    path = tmp_path / "ckpt.pt"
+    path = tmp_path / "ckpt"
     engine.save_checkpoint(path)
     assert checkpoint_epoch(path) == 2
+    assert (path / "zarr.json").is_file() and not list(path.rglob("*.pt"))
     resumed = build_engine(data_of(sim), cfg).fit(checkpoint_path=path, progress=False)
     np.testing.assert_allclose(resumed.loss.values, whole.loss.values, rtol=1e-5)
+    assert "checkpoint_discarded" not in resumed.info
 
+    # a pickle planted where a checkpoint would be: refused, never run, the run starts over
     marker = tmp_path / "pwned"
 
     class Payload:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    planted = tmp_path / "planted.pt"
+    planted = tmp_path / "planted"
     planted.write_bytes(pickle.dumps({"state": Payload(), "epoch": 1}, protocol=2))
-    with pytest.raises(InputError, match=r"planted\.pt.*not a readable ptyinr checkpoint"):
-        read_checkpoint(planted)
-    with pytest.raises(InputError, match=r"planted\.pt"):
-        build_engine(data_of(sim), cfg).fit(checkpoint_path=planted, progress=False)
+    with pytest.raises(UnreadableCheckpoint, match=r"planted.*not a readable ptyinr checkpoint"):
+        load_state(planted)
+    fresh = build_engine(data_of(sim), cfg).fit(checkpoint_path=planted, progress=False)
     assert not marker.exists()
+    assert "planted" in fresh.info["checkpoint_discarded"]
+    assert "starting over" in capsys.readouterr().err
+    np.testing.assert_allclose(fresh.loss.values, whole.loss.values, rtol=1e-5)  # from scratch
     assert checkpoint_epoch(planted) == 0
+
+    # a truncated one (an array lost): the same
+    (path / "t0" / "zarr.json").unlink()
+    again = build_engine(data_of(sim), cfg).fit(checkpoint_path=path, progress=False)
+    assert "ckpt" in again.info["checkpoint_discarded"]
+
+
+def test_a_checkpoint_in_a_store_is_a_node_of_the_store(sim, tmp_path, recwarn):
+    import warnings
+
+    import zarr
+
+    from ptyinr.reconstruct import checkpoint_path
+
+    root = tmp_path / "scan.zarr"
+    zarr.open_group(str(root), mode="w")
+    path = checkpoint_path(root, "run1", "half_a")
+    engine = build_engine(data_of(sim), load_config(overrides=[*CASES["ptyinr"], "train.epochs=1"]))
+    engine.save_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Zarr warns about folders that are not its nodes
+        members = dict(zarr.open_group(str(root), mode="r").members(max_depth=None))
+    assert "checkpoints/run1/half_a" in members
+    assert checkpoint_epoch(path) == 0 and load_state(path)["engine"] == "ptyinr"
 
 
 def test_a_checkpoint_of_another_method_is_refused(sim, tmp_path):
-    path = tmp_path / "ckpt.pt"
+    path = tmp_path / "ckpt"
     pixels = load_config(overrides=[*CASES["pixels"], "train.epochs=1", "model.method=pixels"])
     build_engine(data_of(sim), pixels).save_checkpoint(path)
     other = load_config(overrides=[*CASES["pixels"], "train.epochs=2"])

@@ -252,7 +252,7 @@ def test_resume_continues_exactly(raster, tmp_path, positions):
     whole = engine(data, *common, "train.epochs=4").fit(progress=False)
     first = engine(data, *common, "train.epochs=2")
     first.fit(progress=False)
-    path = tmp_path / "epie.pt"
+    path = tmp_path / "epie-checkpoint"
     first.save_checkpoint(path)
     resumed_engine = engine(data, *common, "train.epochs=4")
     resumed = resumed_engine.fit(checkpoint_path=path, progress=False)

@@ -8,15 +8,17 @@ its geometry (object grid and windows), the frozen configuration and the resolve
 `load_engine_state`); the epoch loop, progress, checkpoints and the labelled result are here,
 the same for every method.
 
-Checkpoints are `torch.save` files of tensors, numbers, strings and lists only, read back
-with `weights_only=True`: loading one never runs code.
+Checkpoints are Zarr groups of tensors plus a JSON record (ptyinr.engines.checkpoint): loading
+one never runs code. One that is not ours or is truncated is reported in one line and the run
+starts over (recorded in the result's `checkpoint_discarded`); one of another method or
+configuration is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,6 +30,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ptyinr.config import ReconstructionConfig
+from ptyinr.engines import checkpoint
 from ptyinr.errors import InputError, ReconstructionFailed
 from ptyinr.physics import ScanGeometry
 from ptyinr.probe_guess import ProbeStart, TrialData, choose_probe_start, compact_patch
@@ -77,6 +80,7 @@ class Engine(ABC):
         self.loss_history: list[float] = []
         self.seconds = 0.0
         self._measured: Measurements | None = None
+        self.checkpoint_discarded: str | None = None  # why a checkpoint was not resumed
 
     @classmethod
     def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
@@ -177,8 +181,12 @@ class Engine(ABC):
     ) -> Reconstruction:
         """Run the remaining epochs (resuming from `checkpoint_path` when it exists)."""
         train = self.config.train
-        if checkpoint_path is not None and Path(checkpoint_path).exists():
-            self.load_checkpoint(checkpoint_path)
+        if checkpoint_path is not None and checkpoint.exists(checkpoint_path):
+            try:
+                self.load_checkpoint(checkpoint_path)
+            except checkpoint.UnreadableCheckpoint as exc:  # start over, and say so
+                self.checkpoint_discarded = str(exc)
+                print(f"warning: {exc}; starting over", file=sys.stderr, flush=True)
         last_checkpoint_step = self.step
         bar = progress_bar(progress and self.runtime.is_root)
         try:
@@ -204,35 +212,37 @@ class Engine(ABC):
         return self.result()
 
     def save_checkpoint(self, path: Path) -> None:
-        """State and counters, written atomically (tmp file then rename) by the root rank."""
+        """State and counters (ptyinr.engines.checkpoint), written whole by the root rank."""
         if not self.runtime.is_root:
             return  # ranks hold identical state
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "engine": self.name,
-            "state": self.engine_state(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "loss_history": [float(v) for v in self.loss_history],
-            "seconds": self.seconds,
-            "config": self.config.model_dump(),
-        }
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        checkpoint.save_state(
+            path,
+            {
+                "engine": self.name,
+                "step": self.step,
+                "epoch": self.epoch,
+                "seconds": self.seconds,
+                "loss_history": [float(v) for v in self.loss_history],
+                "config": self.config.model_dump(),
+                "state": self.engine_state(),
+            },
+        )
 
     def load_checkpoint(self, path: Path) -> None:
-        """Resume from a checkpoint of the same method and configuration (InputError
-        naming the file otherwise)."""
-        state = read_checkpoint(path, self.device)
-        saved = dict(state.get("config", {}))
-        current = self.config.model_dump()
-        if state.get("engine", "ptyinr") != self.name:
+        """Resume from a checkpoint of the same method and configuration: InputError naming
+        the file otherwise (UnreadableCheckpoint when it is not a ptyinr checkpoint)."""
+        state = checkpoint.load_state(path, self.device)
+        if not {"engine", "state", "step", "epoch", "config"} <= set(state):
+            raise checkpoint.UnreadableCheckpoint(
+                f"checkpoint {str(path)!r}: not a ptyinr engine checkpoint"
+            )
+        if state["engine"] != self.name:
             raise InputError(
-                f"checkpoint {str(path)!r}: written by model.method = {state.get('engine')!r}, "
+                f"checkpoint {str(path)!r}: written by model.method = {state['engine']!r}, "
                 f"this run is {self.name!r}; delete the checkpoint or use the same method"
             )
+        saved = dict(state["config"])
+        current = self.config.model_dump()
         for section in self.checkpoint_sections:
             if saved.get(section) != current.get(section):
                 raise InputError(
@@ -258,6 +268,11 @@ class Engine(ABC):
             "known_probe": self.known_probe is not None,
             **self.runtime.record(),
             **self.info(),
+            **(
+                {"checkpoint_discarded": self.checkpoint_discarded}
+                if self.checkpoint_discarded
+                else {}
+            ),
             "versions": {"ptyinr": __version__, "torch": torch.__version__},
         }
         return labelled_result(
@@ -277,28 +292,13 @@ def with_pixel_fields(config: ReconstructionConfig) -> ReconstructionConfig:
     return config.model_copy(update={"model": model})
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents, without running anything it holds (weights_only): a file that
-    is not one of ours, or is truncated, is an InputError naming it."""
-    try:
-        state = torch.load(Path(path), map_location=device, weights_only=True)
-    except Exception as exc:  # unpickling refused, truncated, not a torch file
-        raise InputError(
-            f"checkpoint {str(path)!r}: not a readable ptyinr checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); delete it to start over"
-        ) from None
-    if not isinstance(state, dict) or "state" not in state or "epoch" not in state:
-        raise InputError(f"checkpoint {str(path)!r}: not a ptyinr checkpoint; delete it")
-    return state
-
-
 def checkpoint_epoch(path: Path) -> int:
     """Epoch a checkpoint reached (0 when there is none or it cannot be read)."""
-    if not Path(path).is_file():
+    if not checkpoint.exists(path):
         return 0
     try:
-        return int(read_checkpoint(path)["epoch"])
-    except InputError:
+        return int(checkpoint.read_counters(path).get("epoch", 0))
+    except (InputError, TypeError, ValueError):
         return 0
 
 
