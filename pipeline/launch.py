@@ -95,11 +95,7 @@ def fit(
     """Reconstruct object and probe from a scan's data: in this process, or data-parallel on
     `world_size` Dask workers of `client` (when given) or local processes."""
     if world_size > 1 or client is not None:
-        if not get_engine(config.model.method).data_parallel:
-            raise InputError(
-                f"model.method = {config.model.method!r} does not train data-parallel; "
-                "drop --gpus/--processes (or choose model.method = ptyinr or pixels)"
-            )
+        get_engine(config.model.method).check_ranks(world_size)
         return fit_parallel(
             data,
             config,

@@ -64,11 +64,7 @@ class Engine(ABC):
                 f"known probe: shape {tuple(known_probe.shape)}, expected {data.frame_shape} "
                 "(the diffraction frame shape)"
             )
-        if runtime.world_size > 1 and not self.data_parallel:
-            raise InputError(
-                f"model.method = {self.name!r} does not train data-parallel; "
-                "drop --gpus/--processes (or choose model.method = ptyinr or pixels)"
-            )
+        self.check_ranks(runtime.world_size)
         self.data = data
         self.config = config
         self.geometry = geometry
@@ -81,6 +77,16 @@ class Engine(ABC):
         self.seconds = 0.0
         self._measured: Measurements | None = None
         self.checkpoint_discarded: str | None = None  # why a checkpoint was not resumed
+
+    @classmethod
+    def check_ranks(cls, world_size: int) -> None:
+        """InputError when `world_size` ranks are asked of an engine that has no
+        data-parallel training."""
+        if world_size > 1 and not cls.data_parallel:
+            raise InputError(
+                f"model.method = {cls.name!r} does not train data-parallel; "
+                "drop --gpus/--processes (or choose model.method = ptyinr or pixels)"
+            )
 
     @classmethod
     def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
