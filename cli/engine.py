@@ -269,7 +269,9 @@ def _write_figures(store_path: Path, run: str, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = figures.save_object_figures(result["object"], out, title=f"run {run}")
     paths += figures.save_probe_figure(result["probe"], out, title=f"run {run}")
-    paths += figures.save_loss_figure(result["loss"], out, title=f"run {run}")
+    paths += figures.save_loss_figure(
+        result["loss"], out, title=f"run {run}", validation=result.attrs.get("validation")
+    )
     if "frc" in result:
         paths += figures.save_frc_figure(result[["frc", "half_bit_threshold"]], out)
     return paths

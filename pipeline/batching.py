@@ -86,3 +86,27 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarr
         yield np.arange(n)
         return
     yield from random_batches(n, batch_size, seed, epoch)
+
+
+def validation_split(
+    positions_px: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) position indices, sorted: every k-th position along a serpentine
+    through rows of the scan (k = 1 / fraction, the first one drawn from the seed), so the
+    held-out positions spread evenly over the field and each sits among training neighbours
+    that constrain the object under it. fraction 0: all positions train."""
+    positions = np.asarray(positions_px, dtype=np.float64)
+    n = len(positions)
+    if fraction <= 0 or n < 4:
+        return np.arange(n), np.arange(0)
+    step = max(int(round(1.0 / fraction)), 2)
+    low, high = positions.min(axis=0), positions.max(axis=0)
+    extent = np.maximum(high - low, 1e-9)
+    spacing = math.sqrt(float(extent[0] * extent[1]) / n) if extent.min() > 1e-6 else 1.0
+    row = np.floor((positions[:, 0] - low[0]) / max(spacing, 1e-9)).astype(np.int64)
+    x = positions[:, 1] - low[1]
+    order = np.lexsort((np.where(row % 2 == 0, x, -x), row))
+    start = int(np.random.default_rng([seed, 2]).integers(step))
+    held = np.zeros(n, dtype=bool)
+    held[order[start::step]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)

@@ -110,6 +110,22 @@ class TrainConfig(_Section):
     loss_beta: float = Field(1e-2, gt=0, description="SmoothL1 threshold on sqrt intensities")
     probe_reg_lambda: float = Field(1e-2, ge=0, description="weight of mean probe amplitude")
     probe_reg_steps: int = Field(100, ge=0, description="steps k during which it applies")
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="share of the positions held out (spread evenly over the scan) to measure "
+        "the fit on data it does not train on; 0 = off. With it, every `validate_every` "
+        "epochs the held-out loss is recorded, the state with the lowest one is kept "
+        "(keep_best) and the run stops after `patience` validations without improvement",
+    )
+    validate_every: int = Field(1, ge=1, description="epochs between held-out evaluations")
+    patience: int = Field(
+        0, ge=0, description="validations without improvement before stopping; 0 = never stop"
+    )
+    keep_best: bool = Field(
+        True, description="return the state with the lowest held-out loss, not the last one"
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     positions: Literal["subpixel", "round"] = Field(

@@ -280,9 +280,16 @@ def save_probe_figure(
 
 
 def save_loss_figure(
-    loss: xr.DataArray | np.ndarray, outdir: str | Path, prefix: str = "", *, title: str = ""
+    loss: xr.DataArray | np.ndarray,
+    outdir: str | Path,
+    prefix: str = "",
+    *,
+    title: str = "",
+    validation: dict | None = None,
 ) -> list[Path]:
-    """Write `{prefix}loss.png`: loss against epoch on a log y axis; return [path]."""
+    """Write `{prefix}loss.png`: loss against epoch on a log y axis, with the held-out loss
+    and the epoch whose state the run returned when `validation` (the run's attrs
+    `validation`) is given; return [path]."""
     if isinstance(loss, xr.DataArray):
         if loss.ndim != 1:
             raise InputError(f"loss: expected 1-D over epoch, got dims {loss.dims}")
@@ -305,6 +312,14 @@ def save_loss_figure(
         ax.set_yscale("log")
         i = int(np.nanargmin(np.where(positive, y, np.nan)))
         ax.plot(x[i], y[i], "o", color="C3", ms=5, label=f"minimum {y[i]:.3g} at {x[i]}")
+    if validation and validation.get("epochs"):
+        vx = np.asarray(validation["epochs"], dtype=float)
+        vy = np.asarray([np.nan if v is None else v for v in validation["loss"]], dtype=float)
+        ax.plot(vx, vy, ".-", color="C1", lw=1.0, ms=4, label="held-out loss")
+        best = validation.get("best_epoch")
+        if best:
+            chosen = "returned" if validation.get("returned") == "best" else "best"
+            ax.axvline(best, color="C1", ls="--", lw=0.8, label=f"{chosen} state: epoch {best}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.grid(True, which="major", alpha=0.3)

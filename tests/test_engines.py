@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tiny import TINY_MODEL
 
+from ptyinr.batching import validation_split
 from ptyinr.config import load_config
 from ptyinr.engines import ENGINES, get_engine
 from ptyinr.engines.base import checkpoint_epoch
@@ -158,3 +159,81 @@ def test_an_engine_without_data_parallel_training_refuses_ranks(sim):
     cfg = load_config(overrides=[*CASES["pixels"], "model.method=epie", "train.epochs=1"])
     with pytest.raises(InputError, match=r"'epie' does not train data-parallel"):
         fit(data_of(sim), cfg, world_size=2, progress=False)
+
+
+# ------------------------------------------------------------------ held-out validation
+
+
+def test_validation_split_spreads_held_out_positions_over_the_scan():
+    side = np.arange(20) * 3.0
+    positions = np.stack(np.meshgrid(side, side, indexing="ij"), -1).reshape(-1, 2)
+    training, held = validation_split(positions, 0.1, seed=0)
+    assert len(held) == 40 and len(training) == 360
+    assert np.array_equal(np.sort(np.concatenate([training, held])), np.arange(400))
+    # spread: every 5 x 5 block of the 20 x 20 raster holds one or two held-out positions
+    rows, cols = held // 20, held % 20
+    counts = np.zeros((4, 4), int)
+    np.add.at(counts, (rows // 5, cols // 5), 1)
+    assert counts.min() >= 1 and counts.max() <= 4
+    assert np.array_equal(validation_split(positions, 0.1, seed=0)[1], held)  # reproducible
+    assert not np.array_equal(validation_split(positions, 0.1, seed=3)[1], held)
+    assert len(validation_split(positions, 0.0, seed=0)[1]) == 0
+
+
+@pytest.mark.parametrize("method", ["ptyinr", "epie"])
+def test_held_out_positions_are_never_trained_and_the_best_state_is_returned(
+    sim, method, monkeypatch
+):
+    cfg = load_config(
+        overrides=[
+            *CASES["ptyinr"],
+            f"model.method={method}",
+            "train.epochs=8",
+            "train.validation_fraction=0.1",
+            "train.patience=2",
+        ]
+    )
+    engine = build_engine(data_of(sim), cfg)
+    held = set(engine.validation_positions.tolist())
+    assert held and not held & set(engine.training_positions.tolist())
+    seen: set[int] = set()
+    if method == "ptyinr":
+        step = engine.train_step
+        monkeypatch.setattr(
+            engine, "train_step", lambda b, full: (seen.update(b.tolist()), step(b, full))[1]
+        )
+    else:
+        order = engine.sweep_order
+        monkeypatch.setattr(engine, "sweep_order", lambda e: (o := order(e), seen.update(o))[0])
+    # a held-out loss that improves twice, then worsens: the state of epoch 2 comes back
+    scripted = iter([3.0, 1.0, 2.0, 5.0, 6.0, 7.0])
+    real = engine.validation_loss
+    measured: list[float] = []
+    monkeypatch.setattr(
+        engine, "validation_loss", lambda p: (measured.append(real(p)), next(scripted))[1]
+    )
+    states: dict[int, np.ndarray] = {}
+    result = engine.fit(
+        progress=False, on_epoch=lambda e, _: states.__setitem__(e, engine.current_object())
+    )
+    assert seen and not seen & held  # trained on the training positions only
+    record = result.info["validation"]
+    assert record["epochs"] == [1, 2, 3, 4] and record["best_epoch"] == 2
+    assert record["stopped_early"] and record["returned"] == "best"
+    assert result.info["epochs"] == 4  # patience 2: stopped after two worse validations
+    np.testing.assert_array_equal(result.object.values, states[2])
+    assert all(np.isfinite(measured)) and len(measured) == 4
+
+
+def test_validation_is_resumed_from_a_checkpoint(sim, tmp_path):
+    overrides = [*CASES["ptyinr"], "train.lr_schedule=constant", "train.validation_fraction=0.1"]
+    whole = fit(data_of(sim), load_config(overrides=[*overrides, "train.epochs=4"]), progress=False)
+    first = build_engine(data_of(sim), load_config(overrides=[*overrides, "train.epochs=2"]))
+    first.fit(progress=False)
+    path = tmp_path / "ckpt"
+    first.save_checkpoint(path)
+    cfg = load_config(overrides=[*overrides, "train.epochs=4"])
+    resumed = build_engine(data_of(sim), cfg).fit(checkpoint_path=path, progress=False)
+    a, b = whole.info["validation"], resumed.info["validation"]
+    assert a["epochs"] == b["epochs"] == [1, 2, 3, 4] and a["best_epoch"] == b["best_epoch"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)

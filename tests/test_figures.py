@@ -85,6 +85,12 @@ def test_loss_figure(tmp_path):
     _assert_png(path, min_bytes=5_000)
     with pytest.raises(InputError):
         fg.save_loss_figure(np.zeros((2, 2)), tmp_path)
+    # with the held-out loss of a validated run: more drawn, same file name
+    validation = {"epochs": [10, 20, 30], "loss": [0.5, 0.3, None], "best_epoch": 20,
+                  "returned": "best"}  # fmt: skip
+    (with_validation,) = fg.save_loss_figure(loss, tmp_path / "v", validation=validation)
+    assert with_validation.name == "loss.png"
+    assert with_validation.stat().st_size > path.stat().st_size
 
 
 def test_frc_figure_with_and_without_crossing(tmp_path):

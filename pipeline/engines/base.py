@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ptyinr.batching import validation_split
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines import checkpoint
 from ptyinr.errors import InputError, ReconstructionFailed
@@ -77,6 +78,11 @@ class Engine(ABC):
         self.seconds = 0.0
         self._measured: Measurements | None = None
         self.checkpoint_discarded: str | None = None  # why a checkpoint was not resumed
+        # positions the engine trains on, and those held out to choose the state it returns
+        self.training_positions, self.validation_positions = validation_split(
+            data.positions_px, config.train.validation_fraction, config.train.seed
+        )
+        self.validation = Validation()
 
     @classmethod
     def check_ranks(cls, world_size: int) -> None:
@@ -115,6 +121,10 @@ class Engine(ABC):
     @abstractmethod
     def load_engine_state(self, state: dict[str, Any]) -> None:
         """Restore what `engine_state` returned."""
+
+    @abstractmethod
+    def validation_loss(self, positions: np.ndarray) -> float:
+        """The data loss of the current state at `positions` (held out: never trained on)."""
 
     def info(self) -> dict[str, Any]:
         """Method-specific bookkeeping for the run's attrs."""
@@ -205,6 +215,9 @@ class Engine(ABC):
                     bar.update(task, advance=1, loss=value)
                     if on_epoch is not None:
                         on_epoch(self.epoch, value)
+                    if self.validate() and self.validation.exhausted(train.patience):
+                        self.validation.stopped_early = True
+                        break
                     due = (
                         train.checkpoint_every
                         and self.step - last_checkpoint_step >= train.checkpoint_every
@@ -215,7 +228,24 @@ class Engine(ABC):
         finally:
             if self._measured is not None:
                 self._measured.close()
+        if train.keep_best and self.validation.best_state is not None:
+            if self.validation.best_epoch != self.epoch:
+                self.load_engine_state(self.validation.best_state)
+                self.validation.restored_best = True
         return self.result()
+
+    def validate(self) -> bool:
+        """Measure the held-out loss when it is due (every `validate_every` epochs and at the
+        last epoch); keep a copy of the best state. Whether a measurement was made."""
+        train = self.config.train
+        due = self.epoch % train.validate_every == 0 or self.epoch >= train.epochs
+        if len(self.validation_positions) == 0 or not due:
+            return False
+        value = self.validation_loss(self.validation_positions)
+        best = self.validation.record(self.epoch, value)
+        if best and train.keep_best:
+            self.validation.best_state = _copy_to_cpu(self.engine_state())
+        return True
 
     def save_checkpoint(self, path: Path) -> None:
         """State and counters (ptyinr.engines.checkpoint), written whole by the root rank."""
@@ -231,6 +261,7 @@ class Engine(ABC):
                 "loss_history": [float(v) for v in self.loss_history],
                 "config": self.config.model_dump(),
                 "state": self.engine_state(),
+                "validation": self.validation.to_state(),
             },
         )
 
@@ -260,6 +291,7 @@ class Engine(ABC):
         self.epoch = int(state["epoch"])
         self.loss_history = [float(v) for v in state["loss_history"]]
         self.seconds = float(state["seconds"])
+        self.validation = Validation.from_state(state.get("validation"))
 
     @torch.no_grad()
     def result(self) -> Reconstruction:
@@ -274,6 +306,11 @@ class Engine(ABC):
             "known_probe": self.known_probe is not None,
             **self.runtime.record(),
             **self.info(),
+            **(
+                {"validation": self.validation.record_for_attrs(len(self.validation_positions))}
+                if len(self.validation_positions)
+                else {}
+            ),
             **(
                 {"checkpoint_discarded": self.checkpoint_discarded}
                 if self.checkpoint_discarded
@@ -296,6 +333,79 @@ def with_pixel_fields(config: ReconstructionConfig) -> ReconstructionConfig:
     memory plan, the record and checkpoints then describe them)."""
     model = config.model.model_copy(update={"object": "pixels", "probe": "pixels"})
     return config.model_copy(update={"model": model})
+
+
+class Validation:
+    """The held-out loss over the epochs, and the best state seen (for keep_best)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.losses: list[float] = []
+        self.best_epoch = 0
+        self.best_loss = math.inf
+        self.best_state: dict[str, Any] | None = None
+        self.since_best = 0
+        self.stopped_early = False
+        self.restored_best = False
+
+    def record(self, epoch: int, value: float) -> bool:
+        """Add a measurement; whether it is the best so far."""
+        self.epochs.append(int(epoch))
+        self.losses.append(float(value))
+        if math.isfinite(value) and value < self.best_loss:
+            self.best_epoch, self.best_loss, self.since_best = int(epoch), float(value), 0
+            return True
+        self.since_best += 1
+        return False
+
+    def exhausted(self, patience: int) -> bool:
+        """Whether `patience` validations in a row brought no improvement (0: never)."""
+        return patience > 0 and self.since_best >= patience
+
+    def record_for_attrs(self, positions: int) -> dict[str, Any]:
+        return {
+            "positions": positions,
+            "epochs": list(self.epochs),
+            "loss": list(self.losses),
+            "best_epoch": self.best_epoch,
+            "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+            "stopped_early": self.stopped_early,
+            "returned": "best" if self.restored_best else "last",
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "epochs": list(self.epochs),
+            "losses": list(self.losses),
+            "best_epoch": self.best_epoch,
+            "best_loss": self.best_loss,
+            "since_best": self.since_best,
+            "best_state": self.best_state,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> Validation:
+        out = cls()
+        if state:
+            out.epochs = [int(e) for e in state["epochs"]]
+            out.losses = [float(v) for v in state["losses"]]
+            out.best_epoch = int(state["best_epoch"])
+            out.best_loss = float(state["best_loss"])
+            out.since_best = int(state["since_best"])
+            out.best_state = state.get("best_state")
+        return out
+
+
+def _copy_to_cpu(state: Any) -> Any:
+    """A deep copy of an engine state with its tensors on the CPU (the best state must not
+    follow the live parameters, nor hold device memory)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _copy_to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_copy_to_cpu(v) for v in state)
+    return state
 
 
 def checkpoint_epoch(path: Path) -> int:

@@ -185,10 +185,36 @@ class EpieEngine(Engine):
     # -- the sweep --------------------------------------------------------------------------
 
     def sweep_order(self, epoch: int) -> np.ndarray:
-        """The positions in the order epoch `epoch` (0-based) visits them: a function of
-        (train.seed, epoch) alone."""
+        """The training positions in the order epoch `epoch` (0-based) visits them: a
+        function of (train.seed, epoch) alone."""
         seed = self.config.train.seed % 2**64
-        return np.random.default_rng([seed, epoch]).permutation(self.geometry.n_positions)
+        return np.random.default_rng([seed, epoch]).permutation(self.training_positions)
+
+    @torch.no_grad()
+    def validation_loss(self, positions: np.ndarray) -> float:
+        """The data loss of the current object and probe at held-out positions."""
+        ny, nx = self.geometry.window_shape
+        beta = self.config.train.loss_beta
+        total, count = 0.0, 0
+        for start in range(0, len(positions), self._block):
+            block = np.asarray(positions[start : start + self._block])
+            batch = torch.as_tensor(block, device=self.device)
+            amplitude = torch.fft.ifftshift(
+                self.measured.amplitude(batch, block).float(), dim=(-2, -1)
+            )
+            intensity = torch.empty((len(block), ny, nx), device=self.device)
+            for j, i in enumerate(block.tolist()):
+                y, x = self._corners[i]
+                if self._ramp_y is not None and self._ramp_x is not None:
+                    ramp = self._ramp_y[i, :, None] * self._ramp_x[i, None, :]
+                    shifted = torch.fft.ifft2(self._probe * ramp)
+                else:
+                    shifted = self._probe
+                far = torch.fft.fft2(shifted * self.object[y : y + ny, x : x + nx], norm="ortho")
+                intensity[j] = far.real.square() + far.imag.square()
+            total += float(self.loss_fn(intensity, amplitude, beta, self._valid)) * len(block)
+            count += len(block)
+        return total / max(count, 1)
 
     def updates_probe(self, epoch: int) -> bool:
         return self.known_probe is None and epoch >= self.config.epie.probe_update_start

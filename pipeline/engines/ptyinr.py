@@ -75,8 +75,9 @@ class PtyINREngine(Engine):
         self.top_left = torch.as_tensor(geometry.top_left, device=self.device)
         self.subpixel = torch.as_tensor(geometry.subpixel, dtype=torch.float32, device=self.device)
         self.use_subpixel = bool(np.abs(geometry.subpixel).max(initial=0.0) > 1e-6)
-        self.batch_size = train.batch_size_for(geometry.n_positions)
-        self._centres = geometry.window_centres_on_grid()
+        # schedules run over the training positions (all of them unless some are held out)
+        self.batch_size = train.batch_size_for(len(self.training_positions))
+        self._centres = geometry.window_centres_on_grid()[self.training_positions]
         self.probe_start = self.choose_probe_start(self.measured)
         initial_probe = self.probe_start.probe
         self.object: ObjectField
@@ -91,7 +92,7 @@ class PtyINREngine(Engine):
             self.probe_start.record["warm_start_error"] = float(error)
         self._initialise_probe_scale()
         self.optimizer, self._parameters = self._optimizer()
-        n = geometry.n_positions
+        n = len(self.training_positions)
         self.steps_per_epoch = 1 if self.batch_size <= 0 else math.ceil(n / self.batch_size)
         self.autocast_dtype = runtime.prepare_object_field(self.object)
         if self.parallel is not None:
@@ -290,9 +291,13 @@ class PtyINREngine(Engine):
         train = self.config.train
         full = self.batch_size <= 0
         losses, weights = [], []
-        schedule = list(
-            epoch_batches(self._centres, self.batch_size, train.batches, train.seed, self.epoch)
-        )
+        training = self.training_positions
+        schedule = [
+            training[batch]
+            for batch in epoch_batches(
+                self._centres, self.batch_size, train.batches, train.seed, self.epoch
+            )
+        ]
         if self.measured.stream is not None:  # read the epoch's frames ahead
             self.measured.expect(
                 [b if self.parallel is None else self.parallel.shard(b)[0] for b in schedule]
@@ -301,6 +306,22 @@ class PtyINREngine(Engine):
             losses.append(self.train_step(batch, full))
             weights.append(len(batch))
         return float(np.average(losses, weights=weights))
+
+    @torch.no_grad()
+    def validation_loss(self, positions: np.ndarray) -> float:
+        """The data loss at held-out positions, in chunks of the step's size (no gradients)."""
+        train = self.config.train
+        chunk = self.runtime.frame_chunk or max(self.batch_size, 64)
+        total, count = 0.0, 0
+        for start in range(0, len(positions), chunk):
+            part = np.asarray(positions[start : start + chunk])
+            batch = torch.as_tensor(part, device=self.device)
+            predicted, _ = self.predict(batch)
+            measured = self.measured.amplitude(batch, part)
+            value = self.loss_fn(predicted, measured, train.loss_beta, self.measured.valid)
+            total += float(value) * len(part)
+            count += len(part)
+        return total / max(count, 1)
 
     # -- state and results ---------------------------------------------------------------------
 
