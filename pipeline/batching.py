@@ -99,7 +99,7 @@ def validation_split(
     n = len(positions)
     if fraction <= 0 or n < 4:
         return np.arange(n), np.arange(0)
-    step = max(int(round(1.0 / fraction)), 2)
+    step = max(round(1.0 / fraction), 2)
     low, high = positions.min(axis=0), positions.max(axis=0)
     extent = np.maximum(high - low, 1e-9)
     spacing = math.sqrt(float(extent[0] * extent[1]) / n) if extent.min() > 1e-6 else 1.0
