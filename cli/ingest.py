@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,13 +19,32 @@ from rich.table import Table
 
 from ptyinr import store as scan_store
 from ptyinr.cli.common import fail
-from ptyinr.errors import InputError
+from ptyinr.errors import IngestError, InputError
 
 err = Console(stderr=True)
 out = Console()
 
 
 _fail = fail
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM (a batch system's kill, `kill PID`) into an exception in the main thread,
+    so an interrupted ingest removes its hidden partial store like any other failure.
+    (SIGKILL cannot be caught: a later ingest into the same directory sweeps what it left.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_keys(items: list[str] | None) -> dict[str, str]:
@@ -101,17 +124,26 @@ def ingest(
             negative=negative,
             allow_duplicate_positions=allow_duplicate_positions,
         )
-        path = ingest_file(
-            src,
-            out_store,
-            format=format,
-            keys=_parse_keys(key),
-            conversions=conv,
-            options={"entry": entry} if entry else None,
-            scan_id=scan_id,
-            frames_per_shard=frames_per_shard,
-            overwrite=overwrite,
-        )
+        keys = _parse_keys(key)
+        with _terminate_cleanly():
+            try:
+                path = ingest_file(
+                    src,
+                    out_store,
+                    format=format,
+                    keys=keys,
+                    conversions=conv,
+                    options={"entry": entry} if entry else None,
+                    scan_id=scan_id,
+                    frames_per_shard=frames_per_shard,
+                    overwrite=overwrite,
+                )
+            except InputError:
+                raise
+            except Exception as exc:  # a file that breaks a library: still one line, exit 2
+                from ptyinr.ingest.core import unexpected_error
+
+                raise IngestError(unexpected_error(str(src), exc)) from exc
         _print_summary(scan_store.open_scan_store(path))
     except InputError as exc:
         raise _fail(exc) from None
@@ -153,17 +185,18 @@ def ingest_archive(
             negative=negative,
             allow_duplicate_positions=allow_duplicate_positions,
         )
-        report = run_archive(
-            pattern,
-            outdir,
-            format=format,
-            keys=_parse_keys(key),
-            conversions=conv,
-            options={"entry": entry} if entry else None,
-            frames_per_shard=frames_per_shard,
-            parallel=parallel,
-            n_workers=workers,
-        )
+        with _terminate_cleanly():
+            report = run_archive(
+                pattern,
+                outdir,
+                format=format,
+                keys=_parse_keys(key),
+                conversions=conv,
+                options={"entry": entry} if entry else None,
+                frames_per_shard=frames_per_shard,
+                parallel=parallel,
+                n_workers=workers,
+            )
     except InputError as exc:
         raise _fail(exc) from None
     for line in report.lines():

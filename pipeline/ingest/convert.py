@@ -177,9 +177,25 @@ def positions_from_grid(
     return np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float64)
 
 
+def numeric_positions(raw: Any, src: str, key: str) -> np.ndarray:
+    """Positions as float64, refusing text, bytes, objects, booleans or complex numbers.
+
+    (NumPy would parse b"1.5" or "1e-6" silently; a file whose positions are text was written
+    by something that did not mean them as numbers, so we say so instead of guessing.)
+    """
+    arr = np.asarray(raw)
+    if arr.dtype.kind not in "iuf":
+        sample = arr.ravel()[:1].tolist() if arr.size else []
+        raise IngestError(
+            f"{src}: key {key}: positions of dtype {arr.dtype} (kind {arr.dtype.kind!r}, first "
+            f"value {sample[0] if sample else None!r}); expected numbers (integer or float)"
+        )
+    return arr.astype(np.float64)
+
+
 def as_position_columns(raw: np.ndarray, n_frames: int, src: str, key: str) -> np.ndarray:
     """(n, k) from a file's (n, k) or (k, n) positions array, k in {2, 3}."""
-    arr = np.asarray(raw, dtype=np.float64)
+    arr = numeric_positions(raw, src, key)
     arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and arr.shape[0] == 1 else arr
     if arr.ndim != 2:
         raise IngestError(f"{src}: key {key} has shape {arr.shape}; expected (frames, 2)")

@@ -3,17 +3,30 @@
 The copy streams: frames go from the file to the store one chunk (a shard of frames) per
 dask task, converted and checked on the way, so memory is bounded by a few chunks whatever
 the file size. The store appears under its name only when complete (see ptyinr.store).
+
+Hostile input is refused before anything is copied: frames declared but never written
+(HDF5 chunk index / storage size, see `hdf5.check_written`), frames larger than the free
+space of the target, scans whose every frame is zero, positions stored as text, dangling
+symbolic links. A copy that fails halfway (disk full, SIGTERM) removes its hidden partial
+store; one left by a killed process (SIGKILL) is swept by the next ingest into that
+directory (its name carries host and process id).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import glob as _glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
+import threading
 import traceback
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import numpy as np
 
 from ptyinr import store as scan_store
@@ -32,8 +46,10 @@ from ptyinr.ingest.convert import (
     convert_mask,
     convert_positions,
     detect_dc,
+    output_dtype,
     squeeze_frames,
 )
+from ptyinr.ingest.hdf5 import human_bytes
 from ptyinr.ingest.registry import detect_format, get_reader
 from ptyinr.version import __version__
 
@@ -81,20 +97,18 @@ def ingest_file(
     scheduler: str | None = "threads",
     sha256: str | None = None,
     extra_attrs: dict[str, Any] | None = None,
+    sweep: bool = True,
 ) -> Path:
     """Turn one source file into the scan store `out` and return its path.
 
     `format` names a reader ("auto" sniffs); `keys` is the key map; `conversions` overrides
     the reader's defaults (all recorded in attrs). Bad input raises `IngestError` (one line:
-    file, key, value, expectation) and leaves no store behind.
+    file, key, value, expectation) and leaves no store behind. `sweep` removes hidden partial
+    stores that dead ingests left next to `out` (an archive sweeps its directory once).
     """
-    src_path = Path(src).expanduser().resolve()
+    src_path = check_source(src)
     out = Path(out)
     where = str(src_path)
-    if not src_path.exists():
-        raise IngestError(f"{where}: does not exist; expected a scan file")
-    if not src_path.is_file():
-        raise IngestError(f"{where}: is not a file; expected a scan file")
     if out.exists() and not overwrite:
         raise IngestError(f"{out}: already exists; expected a new store path (or --overwrite)")
     keys = dict(keys or {})
@@ -115,6 +129,8 @@ def ingest_file(
             f"{where}: key {pos_key}: {len(scan.positions)} positions for {n} frames "
             f"(key {frames_key}); expected equal counts"
         )
+
+    check_free_space(out, frames, conv, where, frames_key)
 
     has_geometry = all(v is not None for v in scan.geometry.values())
     attrs_geometry = dict(scan.geometry)
@@ -144,6 +160,7 @@ def ingest_file(
                 f"the frame shape {frame_shape}"
             )
         mask = convert_mask(m, conv, dc)
+    check_not_all_zero(frames, where, frames_key)
     converted, _ = convert_frames(frames, conv, dc, where, frames_key)
 
     recorded = conv.as_dict()
@@ -171,26 +188,220 @@ def ingest_file(
         attrs["positions_grid_shape"] = [len(scan.positions_grid[0]), len(scan.positions_grid[1])]
     # Hash the source while the frames are copied (hashlib releases the GIL); the digest is
     # added to the attrs before the store is renamed into place.
+    if sweep:
+        sweep_partial_stores(out.parent)
+    partial = partial_store_path(out)
     hasher = None if sha256 else ThreadPoolExecutor(max_workers=1)
     digest = hasher.submit(sha256_file, src_path) if hasher else None
-    ctx = dask.config.set(scheduler=scheduler) if scheduler else contextlib.nullcontext()
+    # Our own pool for the threaded copy: on failure we wait for every writer before the
+    # partial store is removed, so no straggling task re-creates a chunk of it.
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if scheduler == "threads" else None
+    if pool is not None:
+        _LOCAL.pool = pool
+        ctx = dask.config.set(scheduler=_threads_get)
+    elif scheduler:
+        ctx = dask.config.set(scheduler=scheduler)
+    else:
+        ctx = contextlib.nullcontext()
     try:
-        with ctx:
-            return scan_store.create_scan_store(
-                out,
-                converted,
-                positions,
-                attrs=attrs,
-                mask=mask,
-                frames_per_shard=frames_per_shard,
-                overwrite=overwrite,
-                final_attrs=(lambda: {"source_sha256": digest.result()}) if digest else None,
-            )
-    except StoreError as exc:
-        raise IngestError(f"{where}: {exc}") from exc
+        try:
+            with ctx:
+                scan_store.create_scan_store(
+                    partial,
+                    converted,
+                    positions,
+                    attrs=attrs,
+                    mask=mask,
+                    frames_per_shard=frames_per_shard,
+                    final_attrs=(lambda: {"source_sha256": digest.result()}) if digest else None,
+                )
+            if out.exists() and not overwrite:
+                raise IngestError(
+                    f"{out}: already exists (created meanwhile); expected a new store path "
+                    "(or --overwrite)"
+                )
+            scan_store.move_into_place(partial, out)
+            return out
+        finally:
+            if pool is not None:
+                _LOCAL.pool = None
+                pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException as exc:
+        remove_partial_store(partial)
+        if isinstance(exc, StoreError):  # named by the store the user asked for
+            raise IngestError(f"{where}: {str(exc).replace(str(partial), str(out))}") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, InputError):
+            raise write_error(out, where, exc) from exc
+        raise
     finally:
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+_LOCAL = threading.local()
+
+
+def _threads_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """dask's threaded scheduler on the calling thread's own pool, if it set one.
+
+    dask.config is process-wide, so concurrent ingests (archive threads) all install this
+    same function; each finds its own pool in a thread-local.
+    """
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is not None and "pool" not in kwargs:
+        kwargs["pool"] = pool
+    return dask.threaded.get(dsk, keys, **kwargs)
+
+
+def check_source(src: str | os.PathLike) -> Path:
+    """The resolved source path; a missing file, a dangling symbolic link (named by the
+    path the user gave, and its target) or a directory is one `IngestError` line."""
+    given = Path(src).expanduser()
+    if given.is_symlink() and not given.exists():
+        target = os.path.realpath(given)
+        raise IngestError(
+            f"{given}: a symbolic link to {target}, which does not exist; expected a scan file"
+        )
+    if not given.exists():
+        raise IngestError(f"{given}: does not exist; expected a scan file")
+    resolved = given.resolve()
+    if not resolved.is_file():
+        raise IngestError(f"{given}: is not a file; expected a scan file")
+    return resolved
+
+
+def free_space(path: Path) -> tuple[Path, int]:
+    """The nearest existing directory at or above `path`, and the bytes free on its file system."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p, int(shutil.disk_usage(p).free)
+
+
+def check_free_space(out: Path, frames: Any, conv: Conversions, src: str, key: str) -> None:
+    """Refuse before copying when the frames' uncompressed size exceeds the free space of the
+    target file system (the compressed store is smaller, but nothing bounds it but that)."""
+    n, ny, nx = (int(s) for s in frames.shape)
+    dtype = output_dtype(np.dtype(frames.dtype), conv)  # float32 for floats, as stored
+    need = n * ny * nx * dtype.itemsize
+    where, free = free_space(out.parent)
+    if need > free:
+        raise IngestError(
+            f"{src}: key {key}: {n} frames of {ny}x{nx} {dtype} need up to {need} bytes "
+            f"({human_bytes(need)}) in {out}, but {where} has {free} bytes "
+            f"({human_bytes(free)}) free; expected at least that much free space (free some, "
+            "or ingest to another file system)"
+        )
+
+
+def _has_signal(block: np.ndarray) -> bool:
+    """True if a block holds something other than zeros (or negatives clipped to zero);
+    non-finite values count as content (the copy refuses them with their own message)."""
+    block = np.asarray(block)
+    if block.dtype.kind == "f":
+        return bool(np.any(block > 0) or not np.all(np.isfinite(block)))
+    return bool(np.any(block > 0))
+
+
+def check_not_all_zero(frames: Any, src: str, key: str, n_sample: int = 16) -> None:
+    """Refuse a scan whose every frame is zero (a detector that recorded nothing, a dataset
+    of fill values). Cheap for real data: frames spread over the scan are read one at a
+    time until one holds counts (usually the first). Only when none of them does is the
+    whole scan read, block by block, stopping at the first count."""
+    n = int(frames.shape[0])
+    idx = np.unique(np.linspace(0, n - 1, min(n, n_sample)).astype(int))
+    for i in idx:
+        if _has_signal(frames[int(i)].compute(scheduler="sync")):
+            return
+    largest = None
+    for block in frames.blocks:
+        values = np.asarray(block.compute(scheduler="sync"))
+        if _has_signal(values):
+            return
+        top = values.max().item()
+        largest = top if largest is None else max(largest, top)
+    what = "zero" if largest == 0 else f"zero or negative (largest value {largest!r})"
+    raise IngestError(
+        f"{src}: key {key}: all {n} frames are {what} in every pixel; expected diffraction "
+        "counts (a detector that recorded nothing, or a dataset of fill values?)"
+    )
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+_PARTIAL = re.compile(
+    r"^\.+.+\.ingest-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+(\.tmp-[0-9a-f]+)?$"
+)
+
+
+def partial_store_path(out: Path) -> Path:
+    """Hidden sibling a store is written under until complete; its name carries host and
+    process id, so a later ingest can remove it if that process died (killed, power cut)."""
+    return out.parent / f".{out.name}.ingest-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_partial_store(partial: Path) -> None:
+    """Remove a hidden partial store and the hidden directory it was being written in."""
+    shutil.rmtree(partial, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        for p in partial.parent.iterdir():
+            if p.name.startswith(f".{partial.name}.tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_partial_stores(directory: Path) -> list[Path]:
+    """Remove hidden partial stores in `directory` left by ingests on this host whose
+    process no longer runs (a killed ingest cannot clean up after itself)."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _PARTIAL.match(p.name)
+        if not m or m["host"] != _HOST:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def write_error(out: Path, src: str, exc: OSError) -> IngestError:
+    """An OS error while writing the store as one line (the partial store is removed)."""
+    _, free = free_space(out.parent)
+    if exc.errno == errno.ENOSPC:
+        return IngestError(
+            f"{out}: no space left on device while writing the store from {src} ({free} bytes "
+            "free now); the partial store was removed and the source is untouched; expected "
+            "enough free space on the target"
+        )
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return IngestError(
+        f"{out}: copying {src} into the store failed ({reason}); the partial store was "
+        "removed; expected a readable source and a writable target directory"
+    )
+
+
+def unexpected_error(src: str, exc: BaseException) -> str:
+    """An unforeseen failure on a file as one line: type, message and where it happened."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    text = " ".join(str(exc).split())
+    return f"{src}: {type(exc).__name__}: {text}{at}; expected a readable scan file"
 
 
 # ----------------------------------------------------------------------------- archives
@@ -266,6 +477,7 @@ def ingest_one(src: str, store_path: str, settings: dict[str, Any]) -> dict[str,
         "action": "ingested",
     }
     try:
+        check_source(src)
         base["bytes"] = float(os.path.getsize(src))
         digest = sha256_file(src)
         base["sha256"] = digest
@@ -293,19 +505,13 @@ def ingest_one(src: str, store_path: str, settings: dict[str, Any]) -> dict[str,
             overwrite=True,
             scheduler=settings["scheduler"],
             sha256=digest,
+            sweep=False,
         )
         return _row_from_store(path, base)
     except InputError as exc:
         return {**base, "status": "failed", "error": str(exc), "action": "failed"}
     except Exception as exc:  # one broken file never stops the archive
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        return {
-            **base,
-            "status": "failed",
-            "error": f"{src}: {type(exc).__name__}: {exc} (at {Path(last.filename).name}:"
-            f"{last.lineno}); expected a readable scan file",
-            "action": "failed",
-        }
+        return {**base, "status": "failed", "error": unexpected_error(src, exc), "action": "failed"}
 
 
 def plan_store_names(sources: list[str], outdir: Path, previous: dict[str, dict]) -> dict:
@@ -355,10 +561,16 @@ def ingest_archive(
         sources = sorted(_glob.glob(os.path.expanduser(pattern), recursive=True))
     else:
         sources = [str(p) for p in pattern]
-    sources = [str(Path(s).resolve()) for s in sources if not Path(s).is_dir()]
+    # a dangling symbolic link keeps its own path (reported as such by ingest_one)
+    sources = [
+        str(Path(s).resolve()) if Path(s).exists() else os.path.abspath(s)
+        for s in sources
+        if not Path(s).is_dir()
+    ]
     if not sources:
         raise IngestError(f"{pattern!r} matches no files; expected a glob of scan files")
     outdir.mkdir(parents=True, exist_ok=True)
+    sweep_partial_stores(outdir)
     previous = {r["source"]: r for r in read_catalog(outdir)}
     plan = plan_store_names(sources, outdir, previous)
     settings = {

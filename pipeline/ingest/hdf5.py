@@ -30,6 +30,7 @@ from ptyinr.ingest.convert import (
     Conversions,
     as_position_columns,
     geometry_from_values,
+    numeric_positions,
     positions_from_grid,
     single_value,
 )
@@ -157,6 +158,7 @@ def _dataset_frames(d: h5py.Dataset, path: Path, key: str, src: str) -> da.Array
             f"{src}: key intensities={key} has shape {d.shape} dtype {d.dtype}; expected "
             "numeric frames (frames, det_y, det_x)"
         )
+    check_written(d, src, f"intensities={key}")
     lazy = H5Frames(str(path), d.name, d.shape, d.dtype)
     if d.ndim == 2:
         chunks: tuple[int, ...] = d.shape
@@ -174,6 +176,79 @@ def _dataset_frames(d: h5py.Dataset, path: Path, key: str, src: str) -> da.Array
     )
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as `df -H` prints them)."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def written_extent(d: h5py.Dataset) -> tuple[int, int, str] | None:
+    """(units written, units declared, unit name) of a dataset's storage, from the file's
+    index alone (no data read): chunks for a chunked layout, bytes for a contiguous one.
+
+    None where the file cannot say (compact, external or virtual storage, empty datasets).
+    A contiguous dataset is allocated at its first write, so storage size 0 = never written.
+    """
+    if d.size == 0 or d.is_virtual or d.external:
+        return None
+    layout = d.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        total = int(np.prod([-(-s // c) for s, c in zip(d.shape, d.chunks, strict=True)]))
+        return int(d.id.get_num_chunks()), total, "chunks"
+    if layout == h5py.h5d.CONTIGUOUS:
+        nominal = int(d.size) * d.dtype.itemsize
+        return min(int(d.id.get_storage_size()), nominal), nominal, "bytes"
+    return None
+
+
+def check_written(d: h5py.Dataset, src: str, key: str) -> None:
+    """Refuse frames that were declared but (partly) never written: HDF5 returns the fill
+    value for them, so a copy would stream zeros for as long as the declared size says.
+
+    Cheap (the chunk index only): a 16.8 TB dataset without a written chunk is refused in
+    milliseconds. Virtual datasets are checked for missing source files instead.
+    """
+    nominal = int(d.size) * d.dtype.itemsize
+    if d.is_virtual:
+        _check_virtual_sources(d, src, key)
+        return
+    extent = written_extent(d)
+    if extent is None:
+        return
+    written, total, unit = extent
+    if written >= total:
+        return
+    if unit == "chunks":
+        share = f"{written} of {total} chunks written ({100.0 * written / total:.3g}%)"
+    else:
+        share = f"{written} of {total} bytes allocated"
+    state = "never written" if written == 0 else "only partly written"
+    raise IngestError(
+        f"{src}: key {key}: dataset of shape {d.shape} {d.dtype} declares "
+        f"{nominal} bytes ({human_bytes(nominal)}) but is {state}: {share}; what is missing "
+        "would be read as fill values; expected a completely written dataset (an aborted or "
+        "still-running acquisition?)"
+    )
+
+
+def _check_virtual_sources(d: h5py.Dataset, src: str, key: str) -> None:
+    here = Path(src).parent
+    for vs in d.virtual_sources():
+        name = vs.file_name
+        if name in (".", ""):
+            continue
+        target = Path(name) if Path(name).is_absolute() else here / name
+        if not any(c in name for c in "*?%") and not target.exists():
+            raise IngestError(
+                f"{src}: key {key}: virtual dataset maps frames to {name!r} "
+                f"({vs.dset_name}), which does not exist; those frames would be read as "
+                "fill values; expected every source file of the virtual dataset"
+            )
+
+
 def read_positions(
     f: h5py.File, keys: dict[str, str], n_frames: int, src: str
 ) -> tuple[np.ndarray, str, tuple[np.ndarray, np.ndarray] | None]:
@@ -187,8 +262,12 @@ def read_positions(
             raise IngestError(
                 f"{src}: key {missing[0]} missing; expected both positions_y and positions_x"
             )
-        ys = read_array(f, keys["positions_y"], src, "positions_y").astype(np.float64).ravel()
-        xs = read_array(f, keys["positions_x"], src, "positions_x").astype(np.float64).ravel()
+        ys = numeric_positions(
+            read_array(f, keys["positions_y"], src, "positions_y"), src, keys["positions_y"]
+        ).ravel()
+        xs = numeric_positions(
+            read_array(f, keys["positions_x"], src, "positions_x"), src, keys["positions_x"]
+        ).ravel()
         label = f"{keys['positions_y']},{keys['positions_x']}"
         if len(ys) == n_frames and len(xs) == n_frames:
             return np.stack([ys, xs], axis=1), label, None

@@ -28,6 +28,7 @@ from ptyinr.ingest.convert import (
     Conversions,
     as_position_columns,
     geometry_from_values,
+    numeric_positions,
     positions_from_grid,
     single_value,
 )
@@ -193,8 +194,12 @@ class NPZReader:
         if "positions_y" in keys or "positions_x" in keys:
             if not ("positions_y" in keys and "positions_x" in keys):
                 raise IngestError(f"{src}: expected both positions_y and positions_x keys")
-            ys = _value(arc, keys["positions_y"], "positions_y").astype(np.float64).ravel()
-            xs = _value(arc, keys["positions_x"], "positions_x").astype(np.float64).ravel()
+            ys = numeric_positions(
+                _value(arc, keys["positions_y"], "positions_y"), src, keys["positions_y"]
+            ).ravel()
+            xs = numeric_positions(
+                _value(arc, keys["positions_x"], "positions_x"), src, keys["positions_x"]
+            ).ravel()
             pos_label = f"{keys['positions_y']},{keys['positions_x']}"
             named = True
             if len(ys) == n and len(xs) == n:
