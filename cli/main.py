@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "ptyinr.cli.slurm",
     "ptyinr.cli.ingest",
     "ptyinr.cli.run",
+    "ptyinr.cli.export",
 ]
 
 for _name in COMMAND_MODULES:
