@@ -38,7 +38,17 @@ ConfigOption = Annotated[
 ClusterOption = Annotated[
     str,
     typer.Option(
-        "--cluster", help="where to run: local, slurm:PROFILE, or a scheduler address tcp://..."
+        "--cluster",
+        help="where to run: local, slurm:PROFILE, or a scheduler address tls://HOST:PORT "
+        "(credentials from Dask's config distributed.comm.tls.*)",
+    ),
+]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="allow a plain tcp:// scheduler address: no encryption or authentication, anyone "
+        "who reaches it can run code as you; only on a network you trust",
     ),
 ]
 WorkersOption = Annotated[
@@ -102,23 +112,28 @@ def _preprocess_options(enabled: bool, frame_size: str | None, binning: int) -> 
     return PreprocessOptions(frame_size=size, binning=binning)
 
 
-def _connect(cluster: str, workers: int | None):
+def _connect(cluster: str, workers: int | None, insecure: bool = False):
     from ptyinr.cluster import connect, parse_cluster_spec
 
     kind = parse_cluster_spec(cluster).kind
     if kind == "local":
-        return connect(cluster, n_workers=workers)
+        return connect(cluster, n_workers=workers, insecure=insecure)
     if kind == "slurm":
-        return connect(cluster, maximum_jobs=workers)
+        return connect(cluster, maximum_jobs=workers, insecure=insecure)
     if workers is not None:
         raise InputError(f"--workers {workers}: not applicable to an existing cluster ({cluster})")
-    return connect(cluster)
+    return connect(cluster, insecure=insecure)
 
 
 def _execute(
-    cluster: str, workers: int | None, specs: list[graph.RunSpec], retries: int, quiet: bool
+    cluster: str,
+    workers: int | None,
+    specs: list[graph.RunSpec],
+    retries: int,
+    quiet: bool,
+    insecure: bool = False,
 ) -> list[graph.RunOutcome]:
-    with _connect(cluster, workers) as client:
+    with _connect(cluster, workers, insecure) as client:
         return graph.run_graph(
             client, specs, retries=retries, console=None if quiet else progress_console
         )
@@ -163,6 +178,7 @@ def run(
     no_frc: NoFrcOption = False,
     cluster: ClusterOption = "local",
     workers: WorkersOption = None,
+    insecure: InsecureOption = False,
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="name of the run (default: a timestamp)")
     ] = None,
@@ -211,7 +227,7 @@ def run(
                     preprocess=pre,
                 )
             )
-        outcomes = _execute(cluster, workers, specs, retries, quiet)
+        outcomes = _execute(cluster, workers, specs, retries, quiet, insecure)
     table = Table(title="ptyinr run")
     for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
         table.add_column(col, overflow="fold")
@@ -294,6 +310,7 @@ def scan(
     no_frc: NoFrcOption = False,
     cluster: ClusterOption = "local",
     workers: WorkersOption = None,
+    insecure: InsecureOption = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="folder for summary.zarr and summary.csv"),
@@ -343,7 +360,7 @@ def scan(
             f"scan: {len(stores)} store(s) x {len(configs)} configuration(s) = {len(specs)} runs",
             highlight=False,
         )
-        outcomes = _execute(cluster, workers, specs, retries, quiet)
+        outcomes = _execute(cluster, workers, specs, retries, quiet, insecure)
         summary = graph.scan_summary(outcomes, stores, parsed)
         paths = graph.save_summary(summary, out_dir)
     console.print(_scan_table(outcomes, parsed))

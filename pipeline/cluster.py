@@ -9,7 +9,18 @@
   YAML format, ``jobqueue: slurm: ...``, plus an optional ``ptyinr:`` section), scaling
   adaptively between ``minimum_jobs`` and ``maximum_jobs``; workers retire (``--lifetime``,
   staggered) before the walltime so SLURM never kills one in the middle of a task;
-- a scheduler address (``tcp://host:8786``): attach to a cluster someone else started.
+- a scheduler address (``tls://host:8786``): attach to a cluster someone else started, with
+  the TLS credentials of Dask's own configuration (``distributed.comm.tls.*``, e.g.
+  ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``); a plain ``tcp://`` address is refused unless the
+  caller passes ``insecure=True`` (``--insecure``).
+
+Security: the scheduler and workers of a SLURM cluster talk TLS (mutual: a peer without the
+cluster's certificate cannot connect), with per-cluster temporary credentials or the
+cert/key files named in the profile (``ptyinr: security:``). The scheduler binds the profile's
+``interface`` (else ``ptyinr: scheduler_host``, else the one address Dask advertises to
+workers), never all interfaces unless the profile says ``scheduler_host: 0.0.0.0``. Dashboards
+bind 127.0.0.1 unless a profile (``ptyinr: dashboard_address``) or caller names a host; the
+SSH-tunnel command is printed next to the dashboard link. A local cluster binds loopback only.
 
 Tasks ask for ``task_resources(client)`` (``{"GPU": 1}`` when the workers have GPUs), and a
 run records ``slurm_job_ids(client)`` / ``current_slurm_job_id()`` in its attrs.
@@ -59,8 +70,20 @@ _PTYINR_DEFAULTS: dict[str, Any] = {
     # its dask threads (cores = processes x threads)
     "torch_threads": None,
     "driver": {},  # defaults for `ptyinr submit`: partition, cpus, memory, time
+    # Network and TLS (see the module docstring): the scheduler's listening address (null =
+    # jobqueue.slurm.interface, else the address Dask advertises; "0.0.0.0" = all interfaces),
+    # the dashboard's ("127.0.0.1:8787" when null; a bare ":PORT" also means 127.0.0.1), and
+    # TLS files {ca_file, cert, key} (null = per-cluster temporary credentials).
+    "scheduler_host": None,
+    "dashboard_address": None,
+    "security": None,
 }
 _DRIVER_KEYS = {"partition", "cpus", "memory", "time"}
+_SECURITY_KEYS = {"ca_file", "cert", "key"}
+_SECURE_SCHEMES = ("tls", "wss")  # schemes whose connections are encrypted and authenticated
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+_LOOPBACK = "127.0.0.1"
+_SHELL_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@-]+$")
 # Keyword arguments of SLURMCluster that a profile may not set (they are ours to choose).
 _RESERVED_KEYS = {"n_workers", "scheduler_options", "log_directory", "config_name"}
 
@@ -278,7 +301,18 @@ def _check_slurm_values(kw: dict[str, Any], where: str) -> None:
             parse_slurm_time(kw["walltime"])
         except InputError:
             raise bad("walltime", "a SLURM time like '04:00:00' or '1-00:00:00'") from None
-    for key in ("name", "queue", "account", "interface", "python", "local_directory", "shebang"):
+    if kw.get("protocol") not in (None, "tls://", "tls"):
+        raise bad("protocol", "tls:// or nothing (ptyinr clusters talk TLS)")
+    for key in (
+        "name",
+        "queue",
+        "account",
+        "interface",
+        "python",
+        "local_directory",
+        "shebang",
+        "shared_temp_directory",
+    ):
         if kw.get(key) is not None and not isinstance(kw[key], str):
             raise bad(key, "a string")
     if kw.get("name") is not None and not _PROFILE_NAME.match(kw["name"]):
@@ -329,6 +363,71 @@ def _check_ptyinr_values(opt: dict[str, Any], where: str, kw: dict[str, Any]) ->
     if not isinstance(driver, Mapping) or set(driver) - _DRIVER_KEYS:
         raise bad("driver", f"a mapping with keys among {sorted(_DRIVER_KEYS)}")
     opt["driver"] = dict(driver)
+    host = opt["scheduler_host"]
+    if host is not None and (
+        not isinstance(host, str) or not host or any(c.isspace() for c in host) or "/" in host
+    ):
+        raise bad("scheduler_host", "an address or host name like 10.1.2.3, or 0.0.0.0 for all")
+    dash = opt["dashboard_address"]
+    if dash is not None:
+        try:
+            opt["dashboard_address"] = loopback_dashboard(dash)
+        except InputError:
+            raise bad("dashboard_address", "HOST:PORT, or :PORT for 127.0.0.1") from None
+    sec = opt["security"]
+    if sec is not None:
+        if (
+            not isinstance(sec, Mapping)
+            or set(sec) != _SECURITY_KEYS
+            or not all(isinstance(v, str) and v for v in sec.values())
+        ):
+            raise bad(
+                "security",
+                "null (temporary credentials per cluster) or a mapping of file paths "
+                "{ca_file, cert, key}",
+            )
+        opt["security"] = dict(sec)
+
+
+def loopback_dashboard(address: str | int | None) -> str | None:
+    """A dashboard address with 127.0.0.1 where it names no host: ``:8787``, ``8787`` ->
+    ``127.0.0.1:8787``; ``HOST:PORT`` stays (an explicit choice); None (no dashboard) stays."""
+    if address is None:
+        return None
+    text = str(address).strip()
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+        raise InputError(f"dashboard address {address!r}: expected HOST:PORT or :PORT")
+    return f"{host or _LOOPBACK}:{int(port)}"
+
+
+def is_secure_address(address: str) -> bool:
+    """Whether a scheduler address uses an encrypted, authenticated comm (tls://, wss://)."""
+    return address.split("://", 1)[0].lower() in _SECURE_SCHEMES
+
+
+def _tls_config_security() -> Any:
+    """The client Security of Dask's configuration (distributed.comm.tls.*); InputError when
+    it lacks the CA file or the client certificate a tls:// scheduler asks for."""
+    from distributed.security import Security
+
+    sec = Security()
+    tls = sec.get_tls_config_for_role("client")
+    if not (tls.get("ca_file") and tls.get("cert")):
+        raise InputError(
+            "a tls:// scheduler needs TLS credentials: set distributed.comm.tls.ca-file and "
+            "distributed.comm.tls.client.cert (and .key) in Dask's config, e.g. "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT, "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"
+        )
+    return Security(
+        require_encryption=True,
+        **{k: getattr(sec, k) for k in ("tls_ca_file", "tls_client_cert", "tls_client_key")},
+    )
 
 
 def parse_slurm_time(text: str) -> float:
@@ -388,10 +487,18 @@ def slurm_cluster_kwargs(
     profile: Profile,
     *,
     log_dir: Path | None = None,
-    dashboard_address: str | None = ":8787",
+    dashboard_address: str | None = "default",
     environ: Mapping[str, str] | None = None,
+    security: Any = None,
+    default_host: str | None = None,
 ) -> dict[str, Any]:
-    """SLURMCluster keyword arguments for a profile: lifetime, logs, driver tag (pure)."""
+    """SLURMCluster keyword arguments for a profile: lifetime, logs, driver tag, TLS and the
+    addresses the scheduler and its dashboard bind (pure but for `default_host`, which is
+    Dask's advertised address when not given and needed).
+
+    dashboard_address "default" = the profile's ``ptyinr.dashboard_address`` or 127.0.0.1:8787;
+    a bare ":PORT" binds 127.0.0.1; None = no dashboard. SECURITY (a distributed Security)
+    goes to the scheduler and, as files, to the workers; the protocol is always tls://."""
     env = os.environ if environ is None else environ
     kw = {k: (list(v) if isinstance(v, list) else v) for k, v in profile.jobqueue.items()}
     kw.setdefault("name", "ptyinr-worker")
@@ -400,6 +507,10 @@ def slurm_cluster_kwargs(
         margin = profile.options.get("lifetime_margin")
         margin_s = parse_timedelta(margin, default="s") if margin is not None else None
         args += lifetime_args(profile.walltime_s, margin_s)
+    own_dashboard = ("--dashboard", "--no-dashboard", "--dashboard-address")
+    if not any(a.split("=", 1)[0] in own_dashboard for a in args):
+        # Each worker's own dashboard: on its node's loopback, as the scheduler's.
+        args += ["--dashboard-address", f"{_LOOPBACK}:0"]
     kw["worker_extra_args"] = args
     directives = list(kw.get("job_extra_directives") or [])
     if log_dir is not None:
@@ -415,7 +526,23 @@ def slurm_cluster_kwargs(
         # Worker jobs of a `ptyinr submit` driver: tagged so `ptyinr cancel` finds them.
         directives.append(f"--comment=ptyinr-driver-{env['SLURM_JOB_ID']}")
     kw["job_extra_directives"] = directives
-    kw["scheduler_options"] = {"dashboard_address": dashboard_address}
+    if dashboard_address == "default":
+        dashboard_address = profile.options.get("dashboard_address") or DEFAULT_DASHBOARD
+    options: dict[str, Any] = {"dashboard_address": loopback_dashboard(dashboard_address)}
+    host = profile.options.get("scheduler_host")
+    if host:
+        options["host"] = host  # "0.0.0.0": all interfaces, the profile's explicit choice
+    elif kw.get("interface"):
+        options["interface"] = kw["interface"]
+    else:
+        # Dask would listen on every interface and advertise this one address: bind only it.
+        from distributed.utils import get_ip
+
+        options["host"] = default_host or get_ip()
+    kw["scheduler_options"] = options
+    kw["protocol"] = "tls://"
+    if security is not None:
+        kw["security"] = security
     kw["job_name"] = kw["name"]  # `name` alone names the cluster and its workers, not jobs
     return kw
 
@@ -430,14 +557,89 @@ def profile_job_script(name: str) -> str:
     from dask_jobqueue.slurm import SLURMJob
 
     profile = load_profile(name)
-    kw = slurm_cluster_kwargs(profile, log_dir=None, environ={})
+    kw = slurm_cluster_kwargs(profile, log_dir=None, environ={}, default_host="SCHEDULER")
     kw.pop("scheduler_options", None)
+    kw.pop("shared_temp_directory", None)
     kw["name"] = f"{kw['name']}-0"  # the worker's name, as the cluster would give it
+    kw["security"] = _placeholder_security(profile)
     try:
-        job = SLURMJob(scheduler="tcp://SCHEDULER:8786", **kw)
+        job = SLURMJob(scheduler="tls://SCHEDULER:8786", **kw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"profile {profile.path}: {exc}") from exc
     return job.job_script()
+
+
+def _placeholder_security(profile: Profile) -> Any:
+    """For `profile_job_script`: the profile's TLS files, or where the temporary ones go."""
+    from distributed.security import Security
+
+    files = profile.options.get("security")
+    if files:
+        ca, cert, key = files["ca_file"], files["cert"], files["key"]
+    else:
+        folder = "TLS-DIR"  # a private folder made per cluster (see cluster_security)
+        ca, cert, key = (
+            f"{folder}/.dask-jobqueue.worker.{k}.XXXX" for k in ("ca_file", "cert", "key")
+        )
+    return Security(tls_ca_file=ca, tls_worker_cert=cert, tls_worker_key=key)
+
+
+def cluster_security(profile: Profile) -> Any:
+    """The Security of a SLURM cluster: the profile's files (``ptyinr.security``), checked to
+    exist and the key to be private, or fresh temporary credentials (in memory; dask-jobqueue
+    writes the workers' copies into the cluster's private TLS folder, mode 0600)."""
+    from distributed.security import Security
+
+    files = profile.options.get("security")
+    if not files:
+        try:
+            return Security.temporary()
+        except ImportError:
+            raise InputError(
+                "TLS credentials for the cluster need the 'cryptography' package: "
+                "pip install cryptography (or name cert/key files in the profile's "
+                "ptyinr.security)"
+            ) from None
+    where = f"profile {profile.path}: ptyinr.security"
+    paths = {k: Path(os.path.expandvars(v)).expanduser() for k, v in files.items()}
+    for key, path in paths.items():
+        if not path.is_file():
+            raise ConfigError(f"{where}.{key} = {files[key]!r}: no such file")
+    mode = paths["key"].stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{where}.key {paths['key']}: readable by others (mode {mode:o}); "
+            f"run chmod 600 {shlex.quote(str(paths['key']))}"
+        )
+    ca, cert, key = (str(paths[k]) for k in ("ca_file", "cert", "key"))
+    return Security(
+        require_encryption=True,
+        tls_ca_file=ca,
+        **{f"tls_{role}_{kind}": value
+           for role in ("client", "scheduler", "worker")
+           for kind, value in (("cert", cert), ("key", key))},
+    )  # fmt: skip
+
+
+def private_tls_dir(profile: Profile, log_dir: Path) -> Path:
+    """A new folder (mode 0700) for the workers' copies of the temporary credentials, on a
+    file system the worker nodes see: the profile's ``shared_temp_directory``, else the log
+    folder, else ~/.cache/ptyinr when that path needs shell quoting (dask-jobqueue writes
+    these paths unquoted into the job script)."""
+    import tempfile
+
+    given = profile.jobqueue.get("shared_temp_directory")
+    bases = [Path(os.path.expandvars(given)).expanduser()] if given else []
+    bases += [log_dir, Path("~/.cache/ptyinr").expanduser()]
+    for base in bases:
+        base = base.resolve()
+        if _SHELL_SAFE_PATH.match(str(base) + "/.ptyinr-tls-x"):
+            base.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=".ptyinr-tls-", dir=base))
+    raise ConfigError(
+        f"profile {profile.path}: no folder for the TLS files without spaces or shell "
+        "characters; set jobqueue.slurm.shared_temp_directory to one on a shared file system"
+    )
 
 
 # --------------------------------------------------------------------------- worker set-up
@@ -487,16 +689,25 @@ def connect(
     log_dir: str | Path | None = None,
     minimum_jobs: int | None = None,
     maximum_jobs: int | None = None,
-    dashboard_address: str | None = ":8787",
+    dashboard_address: str | None = "default",
     quiet: bool = False,
+    insecure: bool = False,
 ) -> Iterator[Any]:
     """Yield a `distributed.Client` connected to the cluster named by SPEC; close it after.
 
     n_workers / threads_per_worker size a local cluster; log_dir (default $PTYINR_LOG_DIR
-    or ./ptyinr-logs), minimum_jobs and maximum_jobs apply to SLURM; the dashboard link is
-    printed to stderr unless quiet.
+    or ./ptyinr-logs), minimum_jobs and maximum_jobs apply to SLURM; the dashboard link (and
+    the SSH tunnel to it) is printed to stderr unless quiet. dashboard_address: "default" =
+    127.0.0.1:8787 (or the profile's), ":PORT" = 127.0.0.1:PORT, None = no dashboard.
+    A plain (tcp://) scheduler address is refused unless insecure.
     """
     parsed = parse_cluster_spec(spec)
+    if insecure and not (parsed.kind == "address" and not is_secure_address(parsed.address or "")):
+        raise InputError(
+            f"--insecure applies only to a plain scheduler address (tcp://...), not to {spec!r}"
+        )
+    if dashboard_address == "default" and parsed.kind == "local":
+        dashboard_address = DEFAULT_DASHBOARD
     if parsed.kind == "local":
         cm = _local_client(n_workers, threads_per_worker, dashboard_address)
     elif parsed.kind == "slurm":
@@ -505,7 +716,7 @@ def connect(
             parsed.profile or "", folder, minimum_jobs, maximum_jobs, dashboard_address
         )
     else:
-        cm = _attached_client(parsed.address or "")
+        cm = _attached_client(parsed.address or "", insecure)
     with cm as client:
         if not quiet:
             _announce(client, parsed)
@@ -520,8 +731,36 @@ def _announce(client: Any, parsed: ClusterSpec) -> None:
     where = {"local": "local cluster", "slurm": f"SLURM profile {parsed.profile}"}.get(
         parsed.kind, f"scheduler {parsed.address}"
     )
-    link = client.dashboard_link if find_spec("bokeh") else "unavailable (pip install bokeh)"
-    Console(stderr=True).print(f"Dask on {where}; dashboard: {link}", highlight=False)
+    console = Console(stderr=True)
+    if not find_spec("bokeh"):
+        console.print(f"Dask on {where}; dashboard: unavailable (pip install bokeh)")
+        return
+    link = client.dashboard_link
+    console.print(f"Dask on {where}; dashboard: {link}", highlight=False, soft_wrap=True)
+    tunnel = ssh_tunnel_command(link) if parsed.kind != "address" else None
+    if tunnel:
+        console.print(f"  from your computer: {tunnel}", highlight=False, soft_wrap=True)
+
+
+def ssh_tunnel_command(link: str, user: str | None = None, host: str | None = None) -> str | None:
+    """The ``ssh -L`` command that forwards a loopback-bound dashboard LINK to the user's
+    computer (then open http://localhost:8787/status there); None for other hosts."""
+    import getpass
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(link)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or not parts.port:
+        return None
+    user = user or getpass.getuser()
+    if not host:
+        host = socket.getfqdn()
+        if host.startswith("localhost"):  # no DNS name: the bare host name is the better bet
+            host = socket.gethostname()
+    return (
+        f"ssh -N -L 8787:localhost:{parts.port} {user}@{host}  "
+        f"then open http://localhost:8787{parts.path or '/status'}"
+    )
 
 
 def cuda_gpu_ids() -> list[str]:
@@ -587,7 +826,8 @@ def _local_client(
         threads_per_worker=layout["threads_per_worker"],
         processes=True,
         resources=layout["resources"],
-        dashboard_address=dashboard_address,
+        host=_LOOPBACK,  # scheduler and workers listen on loopback only
+        dashboard_address=loopback_dashboard(dashboard_address),
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
     try:
@@ -630,10 +870,18 @@ def _slurm_client(
             f"minimum_jobs = {lo}, maximum_jobs = {hi}: need 0 <= min <= max, max >= 1"
         )
     log_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = slurm_cluster_kwargs(profile, log_dir=log_dir, dashboard_address=dashboard_address)
+    security = cluster_security(profile)
+    kwargs = slurm_cluster_kwargs(
+        profile, log_dir=log_dir, dashboard_address=dashboard_address, security=security
+    )
+    tls_dir = None if profile.options.get("security") else private_tls_dir(profile, log_dir)
+    if tls_dir is not None:
+        kwargs["shared_temp_directory"] = str(tls_dir)
     try:
         cluster = SLURMCluster(**kwargs)
     except (TypeError, ValueError) as exc:  # e.g. an interface this machine lacks
+        if tls_dir is not None:
+            shutil.rmtree(tls_dir, ignore_errors=True)
         raise ConfigError(f"profile {profile.path}: {exc}") from exc
     try:
         with _terminate_on_sigterm(), Client(cluster) as client:
@@ -642,7 +890,22 @@ def _slurm_client(
             cluster.adapt(minimum_jobs=lo, maximum_jobs=hi, interval="1s")
             yield client
     finally:
-        cluster.close()  # scancels every worker job it submitted
+        try:
+            cluster.close()  # scancels every worker job it submitted
+        finally:
+            if tls_dir is not None:
+                _remove_tls_dir(cluster, tls_dir)
+
+
+def _remove_tls_dir(cluster: Any, folder: Path) -> None:
+    """Delete the workers' copies of the temporary credentials (dask-jobqueue keeps them as
+    open temporary files on the cluster object) and their folder."""
+    for key in ("ca_file", "cert", "key"):
+        handle = getattr(cluster, f"_job_{key}", None)
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -664,11 +927,21 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _attached_client(address: str) -> Iterator[Any]:
+def _attached_client(address: str, insecure: bool = False) -> Iterator[Any]:
     from distributed import Client
 
+    if is_secure_address(address):
+        security = _tls_config_security()
+    elif insecure:
+        security = None
+    else:
+        raise InputError(
+            f"--cluster {address}: refused, a plain-TCP scheduler has no encryption or "
+            "authentication (whoever reaches it can run code as you); use a tls:// address "
+            "with credentials in Dask's config, or pass --insecure if you trust the network"
+        )
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout="10s", security=security)
     except (OSError, TimeoutError) as exc:
         raise InputError(f"cannot connect to the Dask scheduler at {address}: {exc}") from exc
     with client:
@@ -707,20 +980,25 @@ __all__ = [
     "WorkerSetup",
     "available_profiles",
     "bundled_profiles_dir",
+    "cluster_security",
     "connect",
     "cuda_gpu_ids",
     "current_slurm_job_id",
     "find_profile",
+    "is_secure_address",
     "lifetime_args",
     "load_profile",
     "local_layout",
+    "loopback_dashboard",
     "parse_cluster_spec",
     "parse_slurm_time",
+    "private_tls_dir",
     "profile_dirs",
     "profile_job_script",
     "require_slurm_client",
     "slurm_cluster_kwargs",
     "slurm_job_ids",
+    "ssh_tunnel_command",
     "task_resources",
     "user_profiles_dir",
     "worker_resources_from_args",

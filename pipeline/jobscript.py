@@ -12,10 +12,17 @@ paths, environment) are quoted with `shlex.quote`, so spaces, quotes, ``;``, ``$
 and newlines stay data. The profile's ``job_script_prologue`` is shell code by design (module
 loads, environment activation) and is copied as written, exactly as dask-jobqueue does for the
 worker jobs.
+
+The driver's cluster is secure like every ``slurm:PROFILE`` cluster (TLS between scheduler and
+workers with per-cluster temporary credentials, dashboard on the node's 127.0.0.1): a driver
+job may not be given ``--insecure`` or a plain ``tcp://`` scheduler address. The script itself
+holds no credentials; it is written readable by its owner only (mode 0600), as ``--env``
+values may be private.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -27,7 +34,13 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from ptyinr.cluster import load_profile, parse_slurm_time, require_slurm_client
+from ptyinr.cluster import (
+    is_secure_address,
+    load_profile,
+    parse_cluster_spec,
+    parse_slurm_time,
+    require_slurm_client,
+)
 from ptyinr.errors import InputError
 
 #: The driver job template, package data of ``ptyinr.slurm`` (slurm/templates/ in the source).
@@ -197,6 +210,7 @@ def driver_job(
     the prologue, account, python and the driver's defaults (``ptyinr: driver:``)."""
     if action not in ACTIONS:
         raise InputError(f"submit {action!r}: expected one of {', '.join(ACTIONS)}")
+    check_secure_args(args)
     prof = load_profile(profile)
     defaults = prof.options.get("driver") or {}
     full_args = [action, *args]
@@ -220,6 +234,33 @@ def driver_job(
     )
 
 
+def check_secure_args(args: Sequence[str]) -> None:
+    """InputError for driver arguments that would run an insecure cluster: ``--insecure`` or
+    a plain (tcp://) scheduler address."""
+    for i, arg in enumerate(args):
+        if arg == "--insecure" or arg.startswith("--insecure="):
+            raise InputError(
+                "--insecure is refused in a driver job: its cluster talks TLS (slurm:PROFILE "
+                "or a tls:// address)"
+            )
+        value = None
+        if arg == "--cluster" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--cluster="):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        try:
+            spec = parse_cluster_spec(value)
+        except InputError:
+            continue  # the driver's ptyinr reports it, as for any other bad argument
+        if spec.kind == "address" and not is_secure_address(spec.address or ""):
+            raise InputError(
+                f"--cluster {value}: a driver job runs only secure clusters; use "
+                "slurm:PROFILE (TLS with temporary credentials) or a tls:// address"
+            )
+
+
 def submit_driver(job: DriverJob, script: str | None = None) -> tuple[str, Path, Path]:
     """Write the script into the log folder and sbatch it: (job id, script path, log path)."""
     script = script if script is not None else render_driver_script(job)
@@ -227,7 +268,10 @@ def submit_driver(job: DriverJob, script: str | None = None) -> tuple[str, Path,
     job.log_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     path = job.log_dir / f"{job.job_name}-{stamp}.sh"
-    path.write_text(script)
+    # Owner-only (0600) from the start: --env values may be private.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(script)
     proc = subprocess.run(
         ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False
     )
@@ -244,6 +288,7 @@ __all__ = [
     "ACTIONS",
     "TEMPLATE",
     "DriverJob",
+    "check_secure_args",
     "driver_job",
     "normalise_job_name",
     "parse_env",

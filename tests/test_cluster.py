@@ -202,6 +202,11 @@ def test_absent_profile_names_what_is_known(profile_dir: Path) -> None:
         (GOOD_PROFILE.replace("maximum_jobs: 3", "maximum_jobs: 0"), "ptyinr.maximum_jobs"),
         (GOOD_PROFILE + "  colour: blue\n", "unknown key ptyinr.colour"),
         (GOOD_PROFILE.replace("    cores: 2\n", "    cores: 2\n    n_workers: 3\n"), "n_workers"),
+        (GOOD_PROFILE.replace("    cores: 2\n", "    cores: 2\n    protocol: tcp://\n"), "tls://"),
+        (GOOD_PROFILE + "  scheduler_host: 'a b'\n", "ptyinr.scheduler_host"),
+        (GOOD_PROFILE + "  dashboard_address: 'nowhere'\n", "ptyinr.dashboard_address"),
+        (GOOD_PROFILE + "  security: {cert: a.pem}\n", "ptyinr.security"),
+        (GOOD_PROFILE + "  security: true\n", "ptyinr.security"),
     ],
 )
 def test_invalid_profile_is_a_clear_config_error(profile_dir: Path, text: str, match: str) -> None:
@@ -237,6 +242,84 @@ def test_cluster_kwargs_lifetime_logs_and_driver_tag(tmp_path: Path) -> None:
     assert prof.jobqueue["job_extra_directives"] == ["--gres=gpu:1"]  # profile left untouched
     with pytest.raises(InputError, match="control character"):
         slurm_cluster_kwargs(prof, log_dir=tmp_path / "a\nb", environ={})
+
+
+def test_cluster_kwargs_tls_and_addresses(profile_dir: Path) -> None:
+    (profile_dir / "site.yaml").write_text(GOOD_PROFILE)
+    prof = load_profile("site")
+    kw = slurm_cluster_kwargs(prof, environ={}, default_host="10.0.0.7", security="SEC")
+    assert kw["protocol"] == "tls://" and kw["security"] == "SEC"
+    assert kw["worker_extra_args"][-2:] == ["--dashboard-address", "127.0.0.1:0"]
+    # no interface in the profile: only the address Dask advertises, never all interfaces
+    assert kw["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787", "host": "10.0.0.7"}
+    kw = slurm_cluster_kwargs(prof, environ={}, default_host="h", dashboard_address=":0")
+    assert kw["scheduler_options"]["dashboard_address"] == "127.0.0.1:0"
+    assert "security" not in slurm_cluster_kwargs(prof, environ={}, default_host="h")
+
+    (profile_dir / "ib.yaml").write_text(
+        GOOD_PROFILE.replace("    cores: 2\n", "    cores: 2\n    interface: ib0\n")
+        + "  dashboard_address: ':9999'\n"
+    )
+    kw = slurm_cluster_kwargs(load_profile("ib"), environ={})
+    assert kw["scheduler_options"] == {"dashboard_address": "127.0.0.1:9999", "interface": "ib0"}
+    (profile_dir / "open.yaml").write_text(
+        GOOD_PROFILE + "  scheduler_host: 0.0.0.0\n  dashboard_address: 0.0.0.0:8787\n"
+    )
+    kw = slurm_cluster_kwargs(load_profile("open"), environ={})  # the profile's explicit choice
+    assert kw["scheduler_options"] == {"dashboard_address": "0.0.0.0:8787", "host": "0.0.0.0"}
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (":8787", "127.0.0.1:8787"),
+        (8787, "127.0.0.1:8787"),
+        ("0", "127.0.0.1:0"),
+        ("10.0.0.1:80", "10.0.0.1:80"),
+        ("0.0.0.0:8787", "0.0.0.0:8787"),
+        (None, None),
+    ],
+)
+def test_loopback_dashboard(given: object, expected: str | None) -> None:
+    assert cluster.loopback_dashboard(given) == expected  # type: ignore[arg-type]
+
+
+def test_ssh_tunnel_command_and_secure_addresses() -> None:
+    assert cluster.ssh_tunnel_command("http://127.0.0.1:4321/status", "ann", "login1") == (
+        "ssh -N -L 8787:localhost:4321 ann@login1  then open http://localhost:8787/status"
+    )
+    assert cluster.ssh_tunnel_command("http://10.0.0.1:4321/status", "ann", "h") is None
+    assert cluster.is_secure_address("tls://h:1") and cluster.is_secure_address("wss://h:1")
+    assert not cluster.is_secure_address("tcp://h:1") and not cluster.is_secure_address("ws://h")
+
+
+def test_profile_security_files(profile_dir: Path, tmp_path: Path) -> None:
+    from distributed.security import Security
+
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("x")
+    files["key"].chmod(0o644)
+    (profile_dir / "site.yaml").write_text(
+        GOOD_PROFILE + f"  security: {{ca_file: {files['ca']}, cert: {files['cert']}, "
+        f"key: {files['key']}}}\n"
+    )
+    prof = load_profile("site")
+    with pytest.raises(ConfigError, match=r"readable by others.*chmod 600"):
+        cluster.cluster_security(prof)
+    files["key"].chmod(0o600)
+    sec = cluster.cluster_security(prof)
+    assert sec.require_encryption
+    assert sec.tls_ca_file == str(files["ca"])
+    for role in ("client", "scheduler", "worker"):
+        assert getattr(sec, f"tls_{role}_cert") == str(files["cert"])
+        assert getattr(sec, f"tls_{role}_key") == str(files["key"])
+    files["ca"].unlink()
+    with pytest.raises(ConfigError, match=r"ca_file.*no such file"):
+        cluster.cluster_security(prof)
+    temporary = cluster.cluster_security(load_profile("local-test"))
+    assert isinstance(temporary, Security) and temporary.require_encryption
+    assert "BEGIN CERTIFICATE" in temporary.tls_ca_file  # in memory, made for this cluster
 
 
 # --------------------------------------------------------------------------- missing sbatch
@@ -278,6 +361,7 @@ def test_cli_profiles_list_and_show() -> None:
     shown = runner.invoke(_app(), ["profiles", "show", "gpu-node"])
     assert shown.exit_code == 0, shown.output
     assert "#SBATCH --gres=gpu:1" in shown.output and "distributed.cli.dask_worker" in shown.output
+    assert "tls://SCHEDULER:8786" in shown.output and "--tls-key" in shown.output
     missing = runner.invoke(_app(), ["profiles", "show", "nope"])
     assert missing.exit_code == 2 and "no SLURM profile named 'nope'" in missing.output
 
@@ -308,8 +392,8 @@ def test_local_cpu_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
         # torch takes OMP_NUM_THREADS, capped at the cores it really has
         assert view["torch_threads"] == min(3, os.cpu_count() or 1)
         assert slurm_job_ids(client) == []
-        # Attaching to the same scheduler by address works too.
-        with connect(client.scheduler.address, quiet=True) as attached:
+        # Attaching to the same scheduler by address works too (plain tcp: insecure=True).
+        with connect(client.scheduler.address, quiet=True, insecure=True) as attached:
             assert attached.submit(sum, [1, 2]).result(30) == 3
 
 

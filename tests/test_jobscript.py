@@ -27,6 +27,7 @@ from ptyinr.jobscript import (
     normalise_job_name,
     parse_env,
     render_driver_script,
+    submit_driver,
 )
 
 
@@ -241,9 +242,9 @@ def test_driver_job_from_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "module load cuda\nsource /opt/env/bin/activate\n" in script
     assert script.index("module load cuda") > script.index("#SBATCH --account=proj1")
     explicit = driver_job(
-        "run", ["a", "--cluster", "tcp://h:1"], "site", log_dir=tmp_path, time="5"
+        "run", ["a", "--cluster", "tls://h:1"], "site", log_dir=tmp_path, time="5"
     )
-    assert explicit.args == ("run", "a", "--cluster", "tcp://h:1") and explicit.time == "5"
+    assert explicit.args == ("run", "a", "--cluster", "tls://h:1") and explicit.time == "5"
     with pytest.raises(InputError, match="submit 'rm'"):
         driver_job("rm", [], "site", log_dir=tmp_path)
 
@@ -314,3 +315,45 @@ def test_cli_refuses_bad_values_with_exit_2(
     assert result.exit_code == 2
     assert message in result.output
     assert "#!/usr/bin/env bash" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["a.zarr", "--insecure"], "--insecure is refused"),
+        (["a.zarr", "--cluster", "tcp://h:1"], "only secure clusters"),
+        (["a.zarr", "--cluster=ws://h:1"], "only secure clusters"),
+    ],
+)
+def test_driver_job_refuses_insecure_clusters(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        driver_job("run", args, "local-test", log_dir=tmp_path)
+    from ptyinr.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["submit", "run", "--profile", "local-test", "--dry-run", "--", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "#!/usr/bin/env bash" not in result.output
+
+
+def test_submitted_script_is_private(
+    tmp_path: Path, stub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver script is written mode 0600 (--env values may be private); a stand-in
+    sbatch accepts it."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for tool in ("sbatch",):
+        fake = bin_dir / tool
+        fake.write_text("#!/bin/sh\necho 4242\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job = replace(base_job(tmp_path, stub), env=(("TOKEN", "secret"),))
+    job_id, path, _ = submit_driver(job)
+    assert job_id == "4242"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == render_driver_script(job)

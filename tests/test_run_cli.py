@@ -1,7 +1,8 @@
 """`ptyinr run`, `ptyinr scan`, `ptyinr results` end to end on tiny simulated stores.
 
-Most commands attach to one module-wide 2-worker LocalCluster (`--cluster tcp://...`), which
-saves a cluster start per command; one test starts its own (`--cluster local --workers 2`).
+Most commands attach to one module-wide 2-worker LocalCluster (`--cluster tcp://...
+--insecure`: a plain address of a loopback test cluster), which saves a cluster start per
+command; one test starts its own (`--cluster local --workers 2`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def address():
         yield client.scheduler.address
 
 
+def on(address: str) -> list[str]:
+    """Options to attach to the module's test cluster: a plain (tcp://) loopback address,
+    which ptyinr refuses without --insecure."""
+    return ["--cluster", address, "--insecure"]
+
+
 def invoke(*args: str):
     return runner.invoke(_app(), [str(a) for a in args], catch_exceptions=False)
 
@@ -93,7 +100,7 @@ def test_run_on_a_local_cluster_then_results(tmp_path: Path) -> None:
 
 def test_run_id_preprocess_skip_and_force(tmp_path: Path, address: str) -> None:
     data = make_store(tmp_path / "scan.zarr")
-    common = ["run", data, *SETS, "--no-frc", "--cluster", address, "--run-id", "mine"]
+    common = ["run", data, *SETS, "--no-frc", *on(address), "--run-id", "mine"]
     first = invoke(*common, "--preprocess")
     assert first.exit_code == 0, first.output
     attrs = store.open_run(data, "mine").attrs
@@ -115,7 +122,7 @@ def test_two_concurrent_runs_on_one_store_give_two_complete_runs(
     tmp_path: Path, address: str
 ) -> None:
     data = make_store(tmp_path / "scan.zarr")  # no reconstructions group yet: both create it
-    cmd = [sys.executable, "-m", "ptyinr.cli.main", "run", str(data), *SETS, "--cluster", address]
+    cmd = [sys.executable, "-m", "ptyinr.cli.main", "run", str(data), *SETS, *on(address)]
     procs = [
         subprocess.Popen([*cmd, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
@@ -151,8 +158,7 @@ def test_scan_summary_failures_and_resume(tmp_path: Path, address: str) -> None:
         "--grid",
         "train.lr_object=1e-3,2e-3",
         *SETS,
-        "--cluster",
-        address,
+        *on(address),
         "--out",
         out,
     ]
@@ -224,7 +230,7 @@ def test_a_classical_engine_runs_through_run_with_frc(address, tmp_path: Path) -
     data = write_simulated_store(tmp_path / "clean.zarr", sim)
     result = invoke(
         "run", data, "--set", "model.method=epie", "--set", "train.epochs=20",
-        "--set", "train.threads=1", "--cluster", address, "--run-id", "classical",
+        "--set", "train.threads=1", *on(address), "--run-id", "classical",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (run,) = store.list_runs(data)

@@ -45,7 +45,10 @@ def set_args(overrides: list[str]) -> list[str]:
 
 
 def checkpoint_epoch(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    """Epoch of a checkpoint (a Zarr group checkpoints/<run_id>/<part>), 0 when none."""
+    from ptyinr.engines.base import checkpoint_epoch as epoch
+
+    return epoch(path)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -88,7 +91,12 @@ def test_cli_run_on_slurm_workers_replaces_killed_workers(tmp_path: Path) -> Non
     )
     try:
         ckpts = data / "checkpoints" / "onslurm"
-        wait_for(lambda: any(ckpts.glob("*.pt")), 150, "a first checkpoint", proc)
+        wait_for(
+            lambda: ckpts.is_dir() and any(checkpoint_epoch(p) > 0 for p in ckpts.iterdir()),
+            150,
+            "a first checkpoint",
+            proc,
+        )
         killed = running_workers()
         assert killed, "no running worker job while training"
         subprocess.run(["scancel", *killed], check=True)
@@ -143,7 +151,7 @@ def test_submitted_run_resumes_after_its_driver_was_cancelled(tmp_path: Path) ->
 
     driver, log1 = submit(tmp_path, data, overrides)
     try:
-        wait_for(ckpt.exists, 150, "a checkpoint of the submitted run")
+        wait_for(lambda: checkpoint_epoch(ckpt) > 0, 150, "a checkpoint of the submitted run")
     finally:
         subprocess.run(["scancel", driver], check=False)
     assert wait_for_state(driver, {"CANCELLED"}, 30) == "CANCELLED"
