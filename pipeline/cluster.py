@@ -584,6 +584,20 @@ def _placeholder_security(profile: Profile) -> Any:
     return Security(tls_ca_file=ca, tls_worker_cert=cert, tls_worker_key=key)
 
 
+def _temporary_security() -> Any:
+    """Fresh TLS credentials held in memory (one-line InputError without `cryptography`)."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError:
+        raise InputError(
+            "TLS credentials for the cluster need the 'cryptography' package: "
+            "pip install cryptography (or name cert/key files in the profile's "
+            "ptyinr.security)"
+        ) from None
+
+
 def cluster_security(profile: Profile) -> Any:
     """The Security of a SLURM cluster: the profile's files (``ptyinr.security``), checked to
     exist and the key to be private, or fresh temporary credentials (in memory; dask-jobqueue
@@ -592,14 +606,7 @@ def cluster_security(profile: Profile) -> Any:
 
     files = profile.options.get("security")
     if not files:
-        try:
-            return Security.temporary()
-        except ImportError:
-            raise InputError(
-                "TLS credentials for the cluster need the 'cryptography' package: "
-                "pip install cryptography (or name cert/key files in the profile's "
-                "ptyinr.security)"
-            ) from None
+        return _temporary_security()
     where = f"profile {profile.path}: ptyinr.security"
     paths = {k: Path(os.path.expandvars(v)).expanduser() for k, v in files.items()}
     for key, path in paths.items():
@@ -692,6 +699,7 @@ def connect(
     dashboard_address: str | None = "default",
     quiet: bool = False,
     insecure: bool = False,
+    local_tls: bool = True,
 ) -> Iterator[Any]:
     """Yield a `distributed.Client` connected to the cluster named by SPEC; close it after.
 
@@ -699,7 +707,10 @@ def connect(
     or ./ptyinr-logs), minimum_jobs and maximum_jobs apply to SLURM; the dashboard link (and
     the SSH tunnel to it) is printed to stderr unless quiet. dashboard_address: "default" =
     127.0.0.1:8787 (or the profile's), ":PORT" = 127.0.0.1:PORT, None = no dashboard.
-    A plain (tcp://) scheduler address is refused unless insecure.
+    A plain (tcp://) scheduler address is refused unless insecure. A local cluster talks TLS
+    with temporary credentials too (`local_tls`): on a shared login node, loopback is
+    reachable by every user of the machine; only tests that hand its address to another
+    client turn it off.
     """
     parsed = parse_cluster_spec(spec)
     if insecure and not (parsed.kind == "address" and not is_secure_address(parsed.address or "")):
@@ -709,7 +720,7 @@ def connect(
     if dashboard_address == "default" and parsed.kind == "local":
         dashboard_address = DEFAULT_DASHBOARD
     if parsed.kind == "local":
-        cm = _local_client(n_workers, threads_per_worker, dashboard_address)
+        cm = _local_client(n_workers, threads_per_worker, dashboard_address, local_tls)
     elif parsed.kind == "slurm":
         folder = Path(log_dir or os.environ.get("PTYINR_LOG_DIR") or "ptyinr-logs")
         cm = _slurm_client(
@@ -815,7 +826,10 @@ def _cores() -> int:
 
 @contextlib.contextmanager
 def _local_client(
-    n_workers: int | None, threads_per_worker: int | None, dashboard_address: str | None
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    dashboard_address: str | None,
+    tls: bool = True,
 ) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
@@ -829,6 +843,7 @@ def _local_client(
         host=_LOOPBACK,  # scheduler and workers listen on loopback only
         dashboard_address=loopback_dashboard(dashboard_address),
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        **({"protocol": "tls://", "security": _temporary_security()} if tls else {}),
     )
     try:
         with Client(cluster) as client:

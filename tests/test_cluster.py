@@ -384,7 +384,9 @@ def test_local_cpu_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster, "cuda_gpu_ids", lambda: [])
     monkeypatch.setattr(cluster, "_cores", lambda: 6)  # as if on 6 cores: 3 torch threads each
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with connect("local", n_workers=2, dashboard_address=":0", quiet=True) as client:
+    with connect(
+        "local", n_workers=2, dashboard_address=":0", quiet=True, local_tls=False
+    ) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         assert task_resources(client) == {}
         view = client.submit(_worker_view, resources=task_resources(client), pure=False).result(60)

@@ -67,13 +67,26 @@ def dashboard_port(client: object) -> int:
 # --------------------------------------------------------------------------- local cluster
 
 
-def test_local_cluster_binds_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_cluster_binds_loopback_only_and_talks_tls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loopback is shared by every user of a login node: the local cluster talks TLS too, and
+    a client without its credentials (plain TCP, or TLS with other certificates) is refused."""
+    from distributed import Client
+    from distributed.security import Security
+
     monkeypatch.setattr(cluster, "cuda_gpu_ids", lambda: [])
     with connect("local", n_workers=1, dashboard_address=":0", quiet=True) as client:
         client.wait_for_workers(1, timeout=60)
-        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert client.scheduler.address.startswith("tls://127.0.0.1:")
         workers = client.scheduler_info()["workers"]
-        assert workers and all(a.startswith("tcp://127.0.0.1:") for a in workers)
+        assert workers and all(a.startswith("tls://127.0.0.1:") for a in workers)
+        assert client.submit(sum, [1, 2]).result() == 3
+        plain = client.scheduler.address.replace("tls://", "tcp://")
+        with pytest.raises((OSError, TimeoutError)):
+            Client(plain, timeout=3)
+        with pytest.raises((OSError, TimeoutError)):
+            Client(client.scheduler.address, timeout=3, security=Security.temporary())
         port = dashboard_port(client)
         assert reachable("127.0.0.1", port)
         ip = non_loopback_ipv4()

@@ -51,7 +51,10 @@ def address():
     """Scheduler address of a 2-worker LocalCluster shared by this module's commands."""
     from ptyinr.cluster import connect
 
-    with connect("local", n_workers=2, dashboard_address=None, quiet=True) as client:
+    # plain TCP on purpose: its address is handed to other clients (with --insecure)
+    with connect(
+        "local", n_workers=2, dashboard_address=None, quiet=True, local_tls=False
+    ) as client:
         client.wait_for_workers(2, timeout=60)
         yield client.scheduler.address
 
