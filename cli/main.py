@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "ptyinr.cli.ingest",
     "ptyinr.cli.run",
     "ptyinr.cli.export",
+    "ptyinr.cli.nn",
 ]
 
 for _name in COMMAND_MODULES:

@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "ptyinr": "ptyinr.engines.ptyinr:PtyINREngine",
     "pixels": "ptyinr.engines.pixels:PixelEngine",
     "epie": "ptyinr.engines.epie:EpieEngine",
+    "ptychonn": "ptyinr.engines.ptychonn:PtychoNNEngine",
 }
 
 

@@ -1,0 +1,282 @@
+"""PtychoNN previews: the network, training pairs from a completed run, training, the
+artifact, the `ptychonn` engine and `ptyinr nn`, on tiny simulated scans (one CPU thread)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from typer.testing import CliRunner
+
+from ptyinr import store
+from ptyinr.config import load_config
+from ptyinr.errors import ConfigError, InputError
+from ptyinr.models.ptychonn import (
+    PtychoNN,
+    PtychoNNSpec,
+    check_compatible,
+    load_artifact,
+    network_input,
+    parameter_count,
+)
+from ptyinr.physics import ScanGeometry
+from ptyinr.ptychonn_data import (
+    block_split,
+    extract_patches,
+    open_run_source,
+    probe_weights,
+    select_positions,
+    stitch_patches,
+)
+from ptyinr.ptychonn_train import TrainOptions, train_ptychonn
+from ptyinr.reconstruct import reconstruct_store
+from ptyinr.simulate import SimulationConfig, write_simulated_store
+from tests.tiny import TINY_MODEL
+
+#: a tiny network: 16 x 16 frames, 8 channels, 2 levels (23 k parameters)
+TINY_NN = dict(channels=8, depth=2, batch_size=16, lr=3e-3, threads=1, patience=0)
+#: the trained network's held-out loss must be below this share of the mean patch's
+MARGIN = 0.8
+
+runner = CliRunner()
+
+
+def _app():
+    from ptyinr.cli.main import app
+
+    return app
+
+
+def invoke(*args: object):
+    return runner.invoke(_app(), [str(a) for a in args], catch_exceptions=False)
+
+
+def simulate(path: Path, probe_size: int = 16) -> Path:
+    sim = SimulationConfig(object_size=40, probe_size=probe_size, focus_fwhm_px=3, overlap=0.3)
+    return write_simulated_store(path, sim)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, object]:
+    """A store with a completed PtyINR run `r1` (30 tiny epochs: structure to learn)."""
+    torch.set_num_threads(1)
+    path = simulate(tmp_path_factory.mktemp("pnn") / "scan.zarr")
+    config = load_config(overrides=[*TINY_MODEL, "train.epochs=30", "train.device=cpu"])
+    _, result = reconstruct_store(path, config, run_id="r1", progress=False)
+    return path, result
+
+
+@pytest.fixture(scope="module")
+def model(source, tmp_path_factory) -> Path:
+    path, _ = source
+    out = tmp_path_factory.mktemp("models") / "model"
+    options = TrainOptions(fraction=0.5, epochs=25, **TINY_NN)
+    train_ptychonn([f"{path}:r1"], out, options, progress=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_default_network_is_the_original_size_and_outputs_the_full_window() -> None:
+    net = PtychoNN(PtychoNNSpec(frame_shape=(64, 64)))
+    assert 0.9e6 < parameter_count(net) < 1.5e6  # the original: about 1.2 M at 64 x 64
+    for mode in ("crop", "bin"):
+        spec = PtychoNNSpec(frame_shape=(128, 128), input_size=32, input_mode=mode, channels=4)
+        x = network_input(torch.rand(2, 128, 128), spec, 1.0)
+        assert x.shape == (2, 1, 32, 32)
+        with torch.no_grad():
+            amplitude, phase = PtychoNN(spec)(x)
+        assert amplitude.shape == phase.shape == (2, 128, 128)
+        assert float(amplitude.min()) >= 0 and float(phase.abs().max()) <= np.pi
+    with pytest.raises(InputError, match="multiple of 2"):
+        PtychoNNSpec(frame_shape=(64, 64), input_size=20)
+
+
+def test_network_input_masks_scales_and_crops_around_the_zero_frequency() -> None:
+    frames = torch.zeros(1, 8, 8)
+    frames[0, 4, 4] = 6.0  # the zero frequency sits at N // 2
+    frames[0, 0, 0] = 100.0  # outside the crop
+    valid = torch.ones(8, 8, dtype=torch.bool)
+    valid[4, 5] = False
+    frames[0, 4, 5] = 50.0  # a bad pixel: zeroed
+    spec = PtychoNNSpec(frame_shape=(8, 8), input_size=4, depth=2)
+    x = network_input(frames, spec, 2.0, valid)
+    assert x.shape == (1, 1, 4, 4)
+    assert float(x[0, 0, 2, 2]) == 3.0 and float(x.sum()) == 3.0
+    binned = network_input(frames, PtychoNNSpec((8, 8), 4, "bin", depth=2), 1.0, valid)
+    assert float(binned.sum()) == pytest.approx((6.0 + 100.0) / 4)
+
+
+# ------------------------------------------------------------------------ pairs, stitching
+
+
+def test_stitching_exact_patches_returns_the_object() -> None:
+    rng = np.random.default_rng(0)
+    axis = np.arange(8, 33, 3.3)
+    positions = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+    geometry = ScanGeometry.from_positions(positions, (16, 16))
+    shape = geometry.object_shape
+    obj = (rng.uniform(0.5, 1, shape) * np.exp(1j * rng.uniform(-2, 2, shape))).astype(np.complex64)
+    patches = extract_patches(obj, geometry.top_left, (16, 16))
+    assert np.array_equal(patches[3], obj[tuple(slice(t, t + 16) for t in geometry.top_left[3])])
+    probe = np.exp(-((np.arange(16) - 8.0) ** 2) / 20)[:, None] * np.ones(16)
+    stitched = stitch_patches(patches, geometry.top_left, shape, probe_weights(probe)).numpy()
+    np.testing.assert_allclose(stitched, obj, rtol=0, atol=1e-5)
+    # pixels no window covers are filled with 1 (a transmission function)
+    two = stitch_patches(patches[:1], geometry.top_left[:1], shape, probe_weights(probe)).numpy()
+    assert two[-1, -1] == 1 and np.allclose(two[:16, :16], obj[:16, :16], atol=1e-6)
+
+
+def test_positions_are_spread_and_validation_is_held_out_by_blocks() -> None:
+    positions = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0)), -1).reshape(-1, 2)
+    chosen = select_positions(positions, 0.2, seed=0)
+    assert 70 <= len(chosen) <= 90
+    # spread: every quarter of the scan has its share
+    quarter = (positions[chosen] >= 10).astype(int) @ [2, 1]
+    assert np.bincount(quarter, minlength=4).min() >= 15
+    assert len(select_positions(positions, 1.0, 0)) == 400
+    train, val = block_split(positions, np.arange(400), 0.25, seed=1)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 400
+    assert 0.15 < len(val) / 400 < 0.35
+    # whole blocks: a validation position's nearest training position is a block edge away
+    # on average, not a neighbour (random splits put one at distance 1 almost everywhere)
+    d = np.sqrt(((positions[val][:, None] - positions[train][None]) ** 2).sum(-1)).min(1)
+    assert d.mean() >= 1.4
+
+
+def test_labels_are_the_run_object_under_the_physics_windows(source) -> None:
+    path, result = source
+    run = open_run_source(f"{path}:r1")
+    np.testing.assert_array_equal(run.top_left, result.geometry.top_left)
+    assert run.frame_shape == (16, 16) and run.pixel_size is not None and run.energy_ev > 0
+    # phase ramp and offset removed: the labels' object equals the run's up to exp(i (g.r + c))
+    obj = np.asarray(store.open_run(path, "r1")["object"].values)
+    ratio = run.object * np.conj(obj)
+    np.testing.assert_allclose(np.abs(run.object), np.abs(obj), rtol=1e-4, atol=1e-5)
+    angle = np.angle(ratio / np.abs(ratio))
+    yy, xx = np.mgrid[: obj.shape[0], : obj.shape[1]]
+    design = np.stack([np.ones(obj.size), yy.ravel(), xx.ravel()], 1)
+    coef = np.linalg.lstsq(design, np.unwrap(angle.ravel()), rcond=None)[0]
+    residual = np.angle(np.exp(1j * (angle - (design @ coef).reshape(angle.shape))))
+    assert np.abs(residual).max() < 1e-3
+
+
+# ---------------------------------------------------------------------- training, artifact
+
+
+def test_trained_network_beats_the_mean_training_patch_on_held_out_positions(model) -> None:
+    record = json.loads((model / "record.json").read_text())
+    held = record["scores"]["held_out"]
+    assert held["positions"] >= 50  # the half of the scan it never saw
+    assert held["loss"] < MARGIN * held["mean_patch_loss"], held
+    validation = record["scores"]["validation"]
+    assert validation["loss"] < validation["mean_patch_loss"]
+    assert record["training"]["validation_positions"] > 0
+
+
+def test_artifact_round_trips(model, source) -> None:
+    path, _ = source
+    artifact = load_artifact(model)
+    record = artifact.record
+    assert record["format_version"] == 1 and record["frame_shape"] == [16, 16]
+    assert record["sources"][0]["run_id"] == "r1" and record["probe_from"].endswith(":r1")
+    assert (model / "weights.safetensors").read_bytes()[:8]  # safetensors, no pickle
+    np.testing.assert_array_equal(artifact.probe, store.open_run(path, "r1")["probe"].values)
+    again = load_artifact(model)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        for a, b in zip(artifact.network(x), again.network(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_training_is_seeded_and_refuses_runs_that_are_not_complete(source, tmp_path) -> None:
+    path, _ = source
+    options = TrainOptions(fraction=0.5, epochs=2, **{**TINY_NN, "channels": 4})
+    a = train_ptychonn([f"{path}:r1"], tmp_path / "a", options, progress=False)
+    b = train_ptychonn([f"{path}:r1"], tmp_path / "b", options, progress=False)
+    assert a.record["weights_sha256"] == b.record["weights_sha256"]
+    result = invoke("nn", "train", f"{path}:nope", "--out", tmp_path / "c", "-q")
+    assert result.exit_code == 2 and "'reconstructions/nope' does not exist" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_corrupt_or_foreign_model_is_one_line(model, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("weights.safetensors", "record.json"):
+        (bad / name).write_bytes((model / name).read_bytes())
+    data = bytearray((bad / "weights.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="corrupt") as err:
+        load_artifact(bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    (bad / "record.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"record\.json is corrupt"):
+        load_artifact(bad)
+    result = invoke("nn", "info", bad)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert invoke("nn", "info", tmp_path / "missing").exit_code == 2
+    record = json.loads((model / "record.json").read_text())
+    energy = {"energy_ev": record["energy_ev"]}
+    with pytest.raises(InputError, match="pixel size"):
+        check_compatible(record, model, frame_shape=(16, 16), pixel_size=(2e-7, 2e-7), **energy)
+    pixel, e = tuple(record["pixel_size_m"]), record["energy_ev"]
+    with pytest.raises(InputError, match="eV"):
+        check_compatible(record, model, frame_shape=(16, 16), pixel_size=pixel, energy_ev=8e3)
+    near = tuple(p * 1.005 for p in pixel)  # within 1 %: fits
+    check_compatible(record, model, frame_shape=(16, 16), pixel_size=near, energy_ev=1.005 * e)
+
+
+# ----------------------------------------------------------------------- engine and CLI
+
+
+def test_method_ptychonn_needs_a_model() -> None:
+    from ptyinr.reconstruct import resolve_config
+
+    with pytest.raises(ConfigError, match="ptychonn_model"):
+        resolve_config(load_config(overrides=["model.method=ptychonn"]))
+
+
+def test_incompatible_model_exits_2_and_writes_nothing(model, tmp_path: Path) -> None:
+    other = simulate(tmp_path / "other.zarr", probe_size=32)  # frames of 32 x 32
+    sets = ["model.method=ptychonn", f"model.ptychonn_model={model}", "train.device=cpu"]
+    result = invoke("reconstruct", other, *[a for s in sets for a in ("--set", s)])
+    assert result.exit_code == 2, result.output
+    assert "trained on frames of 16 x 16" in result.output and result.output.count("\n") == 1
+    assert not (other / "reconstructions").exists()
+    assert store.list_runs(other) == []
+    # the same check from metadata alone, for a front end's pre-flight
+    from ptyinr.engines.ptychonn import PtychoNNEngine
+
+    with pytest.raises(InputError, match=r"16 x 16, the scan .*other\.zarr.* has 32 x 32"):
+        PtychoNNEngine.check_store(load_config(overrides=sets[:2]), other)
+
+
+def test_train_then_preview_with_run_writes_a_normal_run_group(source, tmp_path: Path) -> None:
+    path, _ = source
+    out = tmp_path / "nn-model"
+    tiny = "--fraction 0.5 --epochs 3 --channels 4 --depth 2 --threads 1 -q".split()
+    result = invoke("nn", "train", f"{path}:r1", "--out", out, *tiny)
+    assert result.exit_code == 0, result.output
+    assert "positions" in invoke("nn", "info", out).output
+    again = invoke("nn", "train", f"{path}:r1", "--out", out, "-q")
+    assert again.exit_code == 2 and "exists" in again.output  # never replaced silently
+    sets = ["model.method=ptychonn", f"model.ptychonn_model={out}", "train.device=cpu"]
+    sets = [a for s in [*sets, "train.threads=1"] for a in ("--set", s)]
+    local = ["--cluster", "local", "--workers", "1", "--run-id", "preview"]
+    result = invoke("run", path, *sets, *local)
+    assert result.exit_code == 0, result.output
+    ds = xr.open_zarr(str(path), group="reconstructions/preview", consolidated=False)
+    assert {"object", "probe", "loss", "frc"} <= set(ds.variables)
+    assert ds.attrs["method"] == "ptychonn" and ds.attrs["status"] == "complete"
+    assert ds.attrs["config"]["train"]["epochs"] == 1
+    assert ds.attrs["ptychonn"]["sources"][0]["run_id"] == "r1"
+    obj = ds["object"].values
+    assert obj.shape == store.open_run(path, "r1")["object"].shape and np.isfinite(obj).all()
+    assert np.isfinite(ds["loss"].values).all()
