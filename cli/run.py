@@ -197,10 +197,14 @@ def run(
 
     Per store: full reconstruction, two half-scan reconstructions, FRC between the halves,
     figures; results go to STORE/reconstructions/<run_id> (halves under half_a, half_b)."""
-    from ptyinr.reconstruct import new_run_id
+    from ptyinr.reconstruct import new_run_id, resolve_config
 
     with user_errors():
-        cfg = load_config(config, list(set_ or []) + probe_guess_overrides(probe_guess))
+        # the engine's own settings and checks (e.g. a PtychoNN model that cannot be read)
+        # before anything runs: one line, exit 2
+        cfg = resolve_config(
+            load_config(config, list(set_ or []) + probe_guess_overrides(probe_guess))
+        )
         pre = _preprocess_options(preprocess, frame_size, binning)
         missing = [str(s) for s in stores if not s.exists()]
         if missing:
@@ -329,6 +333,8 @@ def scan(
     The summary (summary.zarr, summary.csv, a table) has the FRC resolution, final loss and
     time of each run, the best configuration of each store marked. Run ids come from the
     configuration (cfg-<hash>): a re-run skips completed runs (unless --force)."""
+    from ptyinr.reconstruct import resolve_config
+
     with user_errors():
         parsed = parse_grid(list(grid or []))
         stores = expand_stores(patterns)
@@ -337,7 +343,7 @@ def scan(
         configs: list[tuple[tuple[tuple[str, Any], ...], ReconstructionConfig]] = []
         for point in graph.iter_grid(parsed):
             overrides = base + [_grid_override(k, v) for k, v in point]
-            configs.append((point, load_config(config, overrides)))
+            configs.append((point, resolve_config(load_config(config, overrides))))
         specs = []
         for path in stores:
             for point, cfg in configs:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from tiny import TINY_MODEL
 from typer.testing import CliRunner
 
 from ptyinr import store
@@ -35,7 +36,6 @@ from ptyinr.ptychonn_data import (
 from ptyinr.ptychonn_train import TrainOptions, train_ptychonn
 from ptyinr.reconstruct import reconstruct_store
 from ptyinr.simulate import SimulationConfig, write_simulated_store
-from tests.tiny import TINY_MODEL
 
 #: a tiny network: 16 x 16 frames, 8 channels, 2 levels (23 k parameters)
 TINY_NN = dict(channels=8, depth=2, batch_size=16, lr=3e-3, threads=1, patience=0)
@@ -280,3 +280,20 @@ def test_train_then_preview_with_run_writes_a_normal_run_group(source, tmp_path:
     obj = ds["object"].values
     assert obj.shape == store.open_run(path, "r1")["object"].shape and np.isfinite(obj).all()
     assert np.isfinite(ds["loss"].values).all()
+
+
+def test_run_refuses_an_unreadable_model_before_anything_runs(source, tmp_path) -> None:
+    """`ptyinr run` checks the engine's inputs up front: a model folder that is missing or
+    corrupt is one line, exit 2, and the store gets no run group."""
+    path, _ = source
+    before = [r["run_id"] for r in store.list_runs(path)]
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "record.json").write_text("{ not json")
+    for model in (bad, tmp_path / "missing"):
+        result = invoke(
+            "run", path, "--set", "model.method=ptychonn", "--set", f"model.ptychonn_model={model}"
+        )
+        assert result.exit_code == 2, result.output
+        assert str(model) in result.output and len(result.output.strip().splitlines()) == 1
+    assert [r["run_id"] for r in store.list_runs(path)] == before
