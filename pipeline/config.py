@@ -67,6 +67,10 @@ class ModelConfig(_Section):
     )
     probe_init_steps: int = Field(300, ge=0, description="warm-start steps of a network probe")
     use_tinycudann: bool = Field(False, description="use tiny-cuda-nn when importable on CUDA")
+    ptychonn_model: str | None = Field(
+        None,
+        description="method = ptychonn: the model folder written by `ptyinr nn train`",
+    )
 
 
 class TrainConfig(_Section):
@@ -130,6 +134,30 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     positions: Literal["subpixel", "round"] = Field(
         "subpixel", description="subpixel: honour fractional positions; round: whole pixels"
+    )
+    refine_positions: bool = Field(
+        False,
+        description="gradient engines (ptyinr, pixels): learn a per-position offset from the "
+        "measured position through the probe's exact Fourier shift (windows re-placed at the "
+        "nearest whole pixel as offsets grow); the offsets' mean is removed after every step "
+        "(a global shift is an object shift) and each axis is clamped to position_bound_px. "
+        "The offsets are recorded in the run (position_offsets_px)",
+    )
+    position_lr: float = Field(
+        0.02,
+        gt=0,
+        le=1.0,
+        description="Adam learning rate of the offsets: about the px an offset moves per step, "
+        "scaled by lr_schedule like the other rates",
+    )
+    position_start_epoch: int = Field(
+        5,
+        ge=0,
+        description="epochs trained before the offsets start moving (0: from the first "
+        "step); the object forms first",
+    )
+    position_bound_px: float = Field(
+        3.0, gt=0, description="largest offset per axis from the measured position, px"
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
     log_every: int = Field(1, ge=1, description="epochs between loss records")

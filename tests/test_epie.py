@@ -298,3 +298,11 @@ def test_streamed_frames_give_the_resident_result(raster):
         results[stream] = eng.fit(progress=False)
     np.testing.assert_array_equal(results["always"].object.values, results["never"].object.values)
     np.testing.assert_array_equal(results["always"].loss.values, results["never"].loss.values)
+
+
+def test_position_refinement_is_refused_not_ignored():
+    from ptyinr.errors import ConfigError
+    from ptyinr.launch import engine_config
+
+    with pytest.raises(ConfigError, match="refine_positions"):
+        engine_config(load_config(overrides=["model.method=epie", "train.refine_positions=true"]))

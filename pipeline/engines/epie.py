@@ -48,7 +48,7 @@ import torch
 from ptyinr import optics
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines.base import Engine, with_pixel_fields
-from ptyinr.errors import InputError
+from ptyinr.errors import ConfigError, InputError
 from ptyinr.losses import get_loss
 from ptyinr.physics import ScanGeometry
 from ptyinr.runtime import Runtime
@@ -73,7 +73,13 @@ class EpieEngine(Engine):
 
     @classmethod
     def resolve_config(cls, config: ReconstructionConfig) -> ReconstructionConfig:
-        """Pixel arrays for object and probe, whatever the [model] section said."""
+        """Pixel arrays for object and probe, whatever the [model] section said; position
+        refinement is a gradient engines' option (refused here rather than ignored)."""
+        if config.train.refine_positions:
+            raise ConfigError(
+                "train.refine_positions = true: model.method = 'epie' does not refine "
+                "positions; use model.method = pixels or ptyinr, or drop the setting"
+            )
         return with_pixel_fields(config)
 
     def __init__(

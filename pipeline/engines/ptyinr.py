@@ -9,6 +9,19 @@ warm-up and cosine decay (`learning_rate_factor`). Full batch or mini-batches ov
 (ptyinr.batching); each epoch's order comes from (seed, epoch) alone, so a run resumed from a
 checkpoint takes exactly the steps an uninterrupted run would have taken.
 
+Position refinement (`train.refine_positions`): a learnable (n, 2) offset per position, in
+object pixels, enters the probe's exact Fourier shift next to the window's sub-pixel fraction,
+so gradients reach it through the physics the fit already runs. After every step each window
+is re-placed at the whole pixel nearest its refined position (clamped to the object grid) and
+the probe is shifted by the remaining fraction: the model stays the one of the data
+conventions, the shift stays within half a pixel (except for windows held at the grid's edge)
+and the probe's periodic wrap stays as small as without refinement (the run records the
+wrapped share of the probe's intensity). The offsets move from epoch `position_start_epoch`
+on (their own Adam group, rate `position_lr` under the same schedule); after every step their
+mean over the training positions is removed (a global shift is an object shift: unobservable)
+and each axis is clamped to `position_bound_px`. Held-out validation positions keep their
+measured positions.
+
 Measured intensities are divided by their global maximum (so beta has one meaning across
 datasets); the probe's learnable scale absorbs the detector's count scale. Representations
 (model.object = siren | hashgrid | pixels, model.probe = hashgrid | pixels) come from
@@ -28,6 +41,7 @@ import torch
 from ptyinr.batching import epoch_batches
 from ptyinr.config import ReconstructionConfig, TrainConfig
 from ptyinr.engines.base import Engine
+from ptyinr.errors import InputError
 from ptyinr.losses import get_loss
 from ptyinr.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
 from ptyinr.physics import ScanGeometry, far_field_intensity, fourier_shift
@@ -75,6 +89,16 @@ class PtyINREngine(Engine):
         self.top_left = torch.as_tensor(geometry.top_left, device=self.device)
         self.subpixel = torch.as_tensor(geometry.subpixel, dtype=torch.float32, device=self.device)
         self.use_subpixel = bool(np.abs(geometry.subpixel).max(initial=0.0) > 1e-6)
+        # learned offsets from the measured positions (px), zero and frozen unless refined
+        self.refine_positions = bool(train.refine_positions)
+        self.position_offset = torch.nn.Parameter(
+            torch.zeros((geometry.n_positions, 2), dtype=torch.float32, device=self.device),
+            requires_grad=False,
+        )
+        # whole pixels each window moved from its measured corner as the offsets grew
+        self._moved = torch.zeros_like(self.subpixel)
+        self._measured_top_left = self.top_left.clone()
+        self.use_subpixel = self.use_subpixel or self.refine_positions
         # schedules run over the training positions (all of them unless some are held out)
         self.batch_size = train.batch_size_for(len(self.training_positions))
         self._centres = geometry.window_centres_on_grid()[self.training_positions]
@@ -99,6 +123,7 @@ class PtyINREngine(Engine):
             self.parallel.broadcast_parameters(self.object, self.probe)
         self._full_batch_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._full_union: torch.Tensor | None = None
+        self._training_index: torch.Tensor | None = None
 
     def build_fields(
         self, known_probe: np.ndarray | None, initial_probe: np.ndarray | None
@@ -122,6 +147,8 @@ class PtyINREngine(Engine):
         ]
         if probe_params:
             groups.append({"params": probe_params, "lr": train.lr_probe})
+        if self.refine_positions:
+            groups.append({"params": [self.position_offset], "lr": train.position_lr})
         for group in groups:
             group["base_lr"] = group["lr"]
         return torch.optim.Adam(groups), [p for group in groups for p in group["params"]]
@@ -141,7 +168,11 @@ class PtyINREngine(Engine):
         """Unique object pixels under the batch's windows, and how to spread them back."""
         if full and self._full_batch_cache is not None:
             return self._full_batch_cache
-        unique, inverse = torch.unique(self._window_indices(batch), return_inverse=True)
+        indices = self._window_indices(batch)
+        if full and self.refine_positions:  # recomputed whenever a window moves: no sort
+            unique, inverse = unique_on_grid(indices, math.prod(self.geometry.object_shape))
+        else:
+            unique, inverse = torch.unique(indices, return_inverse=True)
         if full:
             self._full_batch_cache = (unique, inverse)
         return unique, inverse
@@ -153,7 +184,11 @@ class PtyINREngine(Engine):
         )
 
     def _probes(self, probe: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """The batch's probes, each shifted by its window's sub-pixel fraction."""
+        """The batch's probes, each shifted by its window's sub-pixel fraction (plus its
+        learned offset when positions are refined)."""
+        if self.refine_positions:
+            shifts = self.subpixel[batch] + self.position_offset[batch] - self._moved[batch]
+            return fourier_shift(probe, shifts)
         if self.use_subpixel:
             return fourier_shift(probe, self.subpixel[batch])
         return probe[None]
@@ -254,6 +289,8 @@ class PtyINREngine(Engine):
         batch = torch.as_tensor(batch_indices, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        moving = self._positions_moving()
+        self.position_offset.requires_grad_(moving)
         if self.parallel is not None and len(batch_indices) == 0:
             # a short last batch left this rank nothing (rank 0 always has positions)
             loss = data_loss = torch.zeros((), device=self.device)
@@ -281,11 +318,54 @@ class PtyINREngine(Engine):
         if self.parallel is not None:  # sum gradients and loss over ranks
             value = self.parallel.all_reduce(self._parameters, data_loss)
             self.check_finite(value)
+            if not moving:  # frozen offsets get no (zero) gradient: Adam leaves them untouched
+                self.position_offset.grad = None
         factor = learning_rate_factor(train, self.step, train.epochs * self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         self.optimizer.step()
+        if moving:
+            self._constrain_offsets()
         return value
+
+    def _positions_moving(self) -> bool:
+        """Whether this step learns the position offsets (refining, start epoch reached)."""
+        return self.refine_positions and self.epoch >= self.config.train.position_start_epoch
+
+    @torch.no_grad()
+    def _constrain_offsets(self) -> None:
+        """Remove the offsets' mean over the training positions (a global shift of all
+        positions is a shift of the object, which the data cannot see), clamp each axis to
+        the bound, and re-place the windows (`_place_windows`)."""
+        offset = self.position_offset
+        if self._training_index is None:
+            self._training_index = torch.as_tensor(self.training_positions, device=self.device)
+        trained = self._training_index
+        offset[trained] = offset[trained] - offset[trained].mean(dim=0)
+        bound = self.config.train.position_bound_px
+        offset.clamp_(-bound, bound)
+        self._place_windows()
+
+    @torch.no_grad()
+    def _place_windows(self) -> None:
+        """Each window at the whole pixel nearest its refined position, inside the object
+        grid; the probe's shift keeps the rest. Cached pixel unions are dropped when a
+        window moved."""
+        measured = self._measured_top_left
+        low = -measured
+        high = (
+            torch.as_tensor(self.geometry.object_shape, device=self.device)
+            - torch.as_tensor(self.geometry.window_shape, device=self.device)
+            - measured
+        )
+        moved = torch.round(self.subpixel + self.position_offset).to(torch.int64)
+        moved = torch.minimum(torch.maximum(moved, low), high)
+        top_left = measured + moved
+        if not torch.equal(top_left, self.top_left):
+            self.top_left = top_left
+            self._moved = moved.to(torch.float32)
+            self._full_batch_cache = None
+            self._full_union = None
 
     def run_epoch(self) -> float:
         train = self.config.train
@@ -326,16 +406,36 @@ class PtyINREngine(Engine):
     # -- state and results ---------------------------------------------------------------------
 
     def engine_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "object": self.object.state_dict(),
             "probe": self.probe.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        if self.refine_positions:
+            state["position_offset"] = self.position_offset.detach()
+        return state
 
     def load_engine_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("position_offset")
+        if (saved is not None) != self.refine_positions:
+            raise InputError(
+                "checkpoint: written with train.refine_positions = "
+                f"{str(saved is not None).lower()}, this run has "
+                f"{str(self.refine_positions).lower()}; delete the checkpoint or use the same "
+                "setting"
+            )
+        if saved is not None and tuple(saved.shape) != tuple(self.position_offset.shape):
+            raise InputError(
+                f"checkpoint: position offsets of shape {tuple(saved.shape)}, this run has "
+                f"{tuple(self.position_offset.shape)} positions"
+            )
         self.object.load_state_dict(state["object"])
         self.probe.load_state_dict(state["probe"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if saved is not None:
+            with torch.no_grad():
+                self.position_offset.copy_(saved)
+            self._place_windows()
 
     @torch.no_grad()
     def current_object(self) -> np.ndarray:
@@ -346,8 +446,61 @@ class PtyINREngine(Engine):
         return self.probe()[0].cpu().numpy().astype(np.complex64)
 
     def info(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "intensity_scale": self.measured.scale,
             "batch_size": int(self.batch_size),
             "probe_start": self.probe_start.record,
         }
+        if self.refine_positions:
+            out.update(self.position_record())
+        return out
+
+    @torch.no_grad()
+    def position_record(self) -> dict[str, Any]:
+        """The refined positions for the run's attrs: a summary (`position_refinement`) and
+        the offsets (`position_offsets_px`, (n, 2) [dy, dx] in object pixels, to add to the
+        measured positions in pixels: refined = positions + offset x pixel size)."""
+        train = self.config.train
+        offsets = self.position_offset.detach().cpu().numpy().astype(np.float64)
+        length = np.hypot(offsets[:, 0], offsets[:, 1])
+        bound = train.position_bound_px
+        moved = self._moved.cpu().numpy().astype(np.float64)
+        shifts = np.abs(self.geometry.subpixel + offsets - moved).max(axis=0, initial=0.0)
+        summary = {
+            "learning_rate": train.position_lr,
+            "start_epoch": train.position_start_epoch,
+            "bound_px": bound,
+            "mean_offset_px": float(length.mean()) if len(length) else 0.0,
+            "rms_offset_px": float(np.sqrt(np.mean(length**2))) if len(length) else 0.0,
+            "max_offset_px": float(length.max(initial=0.0)),
+            "at_bound": int((np.abs(offsets) >= bound - 1e-6).any(axis=1).sum()),
+            "windows_moved": int((moved != 0).any(axis=1).sum()),
+            "wrapped_probe_intensity": wrapped_share(self.current_probe(), shifts),
+        }
+        return {
+            "position_refinement": summary,
+            "position_offsets_px": np.round(offsets, 4).tolist(),
+        }
+
+
+def unique_on_grid(indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(indices, return_inverse=True) for indices into a grid of `size` pixels,
+    through a mask of the grid instead of a sort (for full batches, whose windows cover most
+    of the grid anyway)."""
+    mask = torch.zeros(size, dtype=torch.bool, device=indices.device)
+    mask[indices.reshape(-1)] = True
+    rank = torch.cumsum(mask, 0) - 1
+    return torch.nonzero(mask).squeeze(1), rank[indices]
+
+
+def wrapped_share(probe: np.ndarray, shifts: np.ndarray) -> float:
+    """Share of the probe's intensity within `shifts` (y, x) px of its window's edges: what a
+    Fourier shift by that much wraps around to the opposite side (~0 where the periodic
+    shift is the physical one)."""
+    intensity = np.abs(probe) ** 2
+    total = float(intensity.sum())
+    if total <= 0:
+        return 0.0
+    by, bx = (math.ceil(s) for s in shifts)
+    inner = intensity[by : intensity.shape[0] - by, bx : intensity.shape[1] - bx]
+    return float(1.0 - inner.sum() / total)
