@@ -23,7 +23,7 @@ three rules:
 
 - every task is idempotent: it rewrites only its own part of the run group (a retried or
   rescheduled reconstruction replaces its arrays; with `train.checkpoint_every` it resumes
-  from `checkpoints/<run_id>/<part>.pt`), so a worker killed mid-task is harmless: the
+  from the Zarr group `checkpoints/<run_id>/<part>`), so a worker killed mid-task is harmless: the
   scheduler reruns the task on another (or the restarted) worker;
 - errors a user can act on (a bad store: `InputError`; a diverging fit: `ReconstructionFailed`)
   are not retried: the task returns a `Failed` marker that flows down the run's branch, and the
@@ -32,6 +32,27 @@ three rules:
 - the run group is created by `prepare` and only `write_results` marks it complete, after
   everything else is written; the run-level attrs are written in full by that task, so the
   concurrent writes of the three reconstructions cannot leave them stale.
+
+One writer per run: the driver (the process calling `submit_runs`, i.e. `ptyinr run` /
+`ptyinr scan`) takes the run's lock (`store.acquire_run_lock`) before it submits anything, and
+releases it when the run's outcome is known (complete or failed) or the driver stops
+(`collect` releases every lock it holds on the way out, interrupted or not). The driver is the
+owner because it is the one process that lives as long as the run: a worker's lock would be
+released by the task that took it and could not cover the run from prepare to the last write,
+and workers die and are replaced. A second driver of the same run id finds the lock held and
+its run fails at once (stage "lock", not recorded in the store: the store belongs to the
+winner) naming the holder's host and pid; the CLI then exits 1. The driver refreshes the lock
+while it waits (its mtime is the heartbeat); a lock whose holder is gone (same host, pid dead)
+or that was not refreshed for `store.lock_timeout_s()` (24 h by default) is stale and taken
+over, which the new run records in its attrs (`lock_taken_over`).
+
+A driver killed mid-run leaves its run group "running" (only the write task's last step
+marks it complete) and its lock stale; running the same run id again (no `--force` needed)
+takes the lock over and finishes the run: prepare keeps the group; a reconstruction that was
+completely written (its record on its `object` array, `store.mark_part`, made after its arrays
+and deleted with them when the part is rewritten) for the same configuration, grid and
+positions (`_part_fingerprint`) is reused, the others run again (resuming from their
+checkpoints with `train.checkpoint_every`), and the write marks the run complete.
 
 FRC choice: the complex half objects, cropped to the scanned interior (the bounding box of the
 probe centres: outside it the halves are unconstrained), compared with `evaluate.frc` (ramp and
@@ -115,6 +136,7 @@ _STAGE_KEYS = {
 }
 FRC_IMAGE = "complex object, scanned interior (bounding box of the probe centres)"
 OK_STATUSES = ("complete", "skipped")
+LOCK_REFRESH_S = 60.0  # the driver's heartbeat on its runs' locks
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +161,7 @@ class RunSpec:
     force: bool = False
     label: tuple[tuple[str, Any], ...] = ()
     preprocess: Any | None = None
+    lock_note: dict[str, Any] | None = None  # set by the driver: a stale lock it took over
 
     @property
     def figures(self) -> Path:
@@ -169,6 +192,8 @@ class Prepared:
     halves: tuple[np.ndarray, np.ndarray] | None
     split_kind: str | None
     preprocess: dict[str, Any] | None
+    fingerprints: dict[str, str] = field(default_factory=dict)  # per part: what it depends on
+    reused: dict[str, PartResult] = field(default_factory=dict)  # parts written before
 
 
 @dataclass(frozen=True)
@@ -385,24 +410,85 @@ def prepare_task(spec: RunSpec, pre: dict[str, Any] | None) -> Prepared:
         "label": dict(spec.label),
         "frc_requested": bool(spec.frc),
     }
+    part_configs = {
+        part: _with_seed(cfg, HALF_SEED_OFFSETS.get(part, 0))
+        for part in (PARTS if spec.frc else PARTS[:1])
+    }
+    interior = (int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]))
+    fingerprints = {
+        part: _part_fingerprint(
+            part_configs[part],
+            geometry,
+            len(positions),
+            None if part == "full" or halves is None else halves[0 if part == "half_a" else 1],
+        )
+        for part in part_configs
+    }
+    reused = {} if spec.force else _written_parts(spec, fingerprints)
     _begin_run_group(path, spec.run_id, attrs)
     return Prepared(
         config=cfg,
-        part_configs={
-            part: _with_seed(cfg, HALF_SEED_OFFSETS.get(part, 0))
-            for part in (PARTS if spec.frc else PARTS[:1])
-        },
+        part_configs=part_configs,
         started=started_wall,
         seconds=time.perf_counter() - started,
         frame_shape=frame_shape,
         n_positions=len(positions),
         object_shape=geometry.object_shape,
         origin_px=geometry.origin_px,
-        interior=(int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])),
+        interior=interior,
         halves=halves,
         split_kind=split_kind,
         preprocess=pre,
+        fingerprints=fingerprints,
+        reused=reused,
     )
+
+
+def _part_fingerprint(
+    config: ReconstructionConfig, geometry: Any, n_positions: int, indices: np.ndarray | None
+) -> str:
+    """What a part's result depends on: its configuration, the grid, the positions used."""
+    payload = {
+        "config": config.model_dump(),
+        "frame_shape": list(geometry.window_shape),
+        "object_shape": list(geometry.object_shape),
+        "origin_px": list(geometry.origin_px),
+        "n_positions": int(n_positions),
+        "indices": None if indices is None else np.asarray(indices).tolist(),
+    }
+    text = json.dumps(store.json_safe(payload), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _written_parts(spec: RunSpec, fingerprints: dict[str, str]) -> dict[str, PartResult]:
+    """Parts an interrupted earlier attempt of this run wrote completely, for this very
+    configuration and grid (`store.mark_part`): they are not reconstructed again."""
+    found: dict[str, PartResult] = {}
+    for part, fingerprint in fingerprints.items():
+        record = store.read_part(spec.store, spec.run_id, subgroup=None if part == "full" else part)
+        if not record or record.get("fingerprint") != fingerprint:
+            continue
+        r = record.get("result") or {}
+        try:
+            found[part] = PartResult(
+                part=part,
+                attrs=dict(r.get("attrs") or {}),
+                final_loss=_float(r.get("final_loss")),
+                epochs=int(r.get("epochs", 0)),
+                train_seconds=_float(r.get("train_seconds")),
+                wall_seconds=_float(r.get("wall_seconds")),
+                worker=r.get("worker"),
+                slurm_job_id=r.get("slurm_job_id"),
+                resumed_from_epoch=int(r.get("resumed_from_epoch", 0)),
+            )
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
+def reused_part(result: PartResult) -> PartResult:
+    """The task standing for a part written by an earlier attempt of the run."""
+    return result
 
 
 @_stage("part")
@@ -446,7 +532,7 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
     )
     info = result.info
     attrs = run_attrs(cfg, loaded, part=part, **info) if part == "full" else {}
-    return PartResult(
+    out = PartResult(
         part=part,
         attrs=store.json_safe(attrs),
         final_loss=float(info.get("final_loss", math.nan)),
@@ -457,6 +543,10 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
         slurm_job_id=current_slurm_job_id(),
         resumed_from_epoch=resumed,
     )
+    # the part is completely written: a re-run of an interrupted run need not redo it
+    record = {"fingerprint": prepared.fingerprints.get(part), "result": dataclasses.asdict(out)}
+    store.mark_part(spec.store, spec.run_id, record, subgroup=None if part == "full" else part)
+    return out
 
 
 @_stage("frc")
@@ -539,6 +629,8 @@ def _write_results(
         }
     )
     resumed = {p.part: p.resumed_from_epoch for p in parts if p.resumed_from_epoch}
+    if prepared.reused:
+        attrs["reused_parts"] = sorted(prepared.reused)  # written by an interrupted attempt
     if resumed:
         attrs["resumed_from_epoch"] = resumed  # part -> epoch its checkpoint had reached
     job_ids = sorted({p.slurm_job_id for p in parts if p.slurm_job_id})
@@ -546,6 +638,8 @@ def _write_results(
         attrs["slurm_job_ids"] = job_ids
     if prepared.preprocess is not None:
         attrs["preprocess"] = prepared.preprocess
+    if spec.lock_note:
+        attrs["lock_taken_over"] = spec.lock_note  # whose stale lock this run replaced, why
     resolution = math.nan
     unit = None
     resolved = False
@@ -603,7 +697,9 @@ def _write_results(
         title = spec.store.name.removesuffix(".zarr")  # the run id is the folder's name
         paths = figures.save_object_figures(run["object"], outdir, title=title)
         paths += figures.save_probe_figure(run["probe"], outdir, title=title)
-        paths += figures.save_loss_figure(run["loss"], outdir, title=title)
+        paths += figures.save_loss_figure(
+            run["loss"], outdir, title=title, validation=run.attrs.get("validation")
+        )
         if frc_ds is not None:
             paths += figures.save_frc_figure(frc_ds, outdir, title=title)
         written = [p.name for p in paths]
@@ -706,6 +802,12 @@ class RunHandle:
     futures: dict[str, Any] = field(default_factory=dict)
     skipped: RunOutcome | None = None
     outcome: RunOutcome | None = None
+    lock: store.RunLock | None = None  # held from submit_runs until the outcome is known
+
+    def release(self) -> None:
+        """Release the run's lock (once the run is over, or the driver stops)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def expected_tasks(self) -> int:
@@ -724,16 +826,19 @@ class RunHandle:
     def advance(self) -> None:
         """Submit what can be submitted, and settle the outcome when the run is over."""
         if self.outcome is not None:
+            self.release()
             return
         prepare = self.futures["prepare"]
         if "write" in self.futures:
             if self.futures["write"].done():
                 self.outcome = _outcome_of(self)
+                self.release()
             return
         if not prepare.done():
             return
         if prepare.status != "finished":
             self.outcome = _outcome_of(self)
+            self.release()
             return
         prepared = prepare.result()
         spec = self.spec
@@ -741,7 +846,10 @@ class RunHandle:
             self.submit("write", write_task, spec, prepared, prepared, None, None, None)
             return
         for part in PARTS if spec.frc else ("full",):
-            self.submit(part, reconstruct_task, spec, prepared, part, resources=self.resources)
+            if part in prepared.reused:
+                self.submit(part, reused_part, prepared.reused[part])
+            else:
+                self.submit(part, reconstruct_task, spec, prepared, part, resources=self.resources)
         frc = None
         if spec.frc:
             frc = self.submit(
@@ -773,18 +881,73 @@ def _completed_before(spec: RunSpec) -> RunOutcome | None:
     return None
 
 
+def _lock_run(spec: RunSpec, timeout_s: float | None) -> store.RunLock | RunOutcome | None:
+    """The run's lock for this driver, or the failed outcome of a run somebody else holds.
+
+    None (no lock) for a path that is not a directory: prepare will refuse it, and nothing is
+    written beside a path that may not be a store. A lock that cannot be created for another
+    reason (a read-only folder) is warned about, and the run goes on unlocked.
+    """
+    if not spec.store.is_dir():
+        return None
+    try:
+        return store.acquire_run_lock(spec.store, spec.run_id, timeout_s=timeout_s)
+    except store.RunLocked as exc:
+        return RunOutcome(
+            spec.store,
+            spec.run_id,
+            "failed",
+            reason=str(exc),
+            stage="lock",
+            recorded=False,
+            label=spec.label,
+        )
+    except OSError as exc:
+        import warnings
+
+        warnings.warn(
+            f"{spec.store}: run {spec.run_id!r} goes on without a lock ({_reason(exc)})",
+            stacklevel=3,
+        )
+        return None
+
+
 def submit_runs(
-    client: Any, specs: Sequence[RunSpec], *, retries: int = DEFAULT_RETRIES
+    client: Any,
+    specs: Sequence[RunSpec],
+    *,
+    retries: int = DEFAULT_RETRIES,
+    lock_timeout_s: float | None = None,
 ) -> list[RunHandle]:
     """Start every run (preprocess and prepare tasks); `collect` submits the rest and waits.
 
-    Runs already complete in their store are skipped unless `force`. Reconstructions will
+    Runs already complete in their store are skipped unless `force`. Every other run is
+    locked for this driver first (see the module's docstring; `lock_timeout_s`: when a lock
+    nobody refreshes is stale, default `store.lock_timeout_s()`); a run locked by another
+    driver fails at once (stage "lock"). Reconstructions will
     ask for `task_resources(client)` (one GPU when workers have GPUs); one preprocess task
     per store serves all runs on it. Store paths are made absolute, so workers started
     elsewhere find them.
     """
     resources = task_resources(client) or None
     handles: list[RunHandle] = []
+    try:
+        _submit_each(client, specs, handles, retries, resources, lock_timeout_s)
+    except BaseException:
+        for h in handles:
+            h.release()
+        raise
+    return handles
+
+
+def _submit_each(
+    client: Any,
+    specs: Sequence[RunSpec],
+    handles: list[RunHandle],
+    retries: int,
+    resources: dict[str, float] | None,
+    lock_timeout_s: float | None,
+) -> None:
     preprocessed: dict[tuple[Path, str], Any] = {}
     for spec in specs:
         spec = dataclasses.replace(spec, store=Path(spec.store).expanduser().resolve())
@@ -797,6 +960,21 @@ def submit_runs(
             if handle.skipped is not None:
                 handle.outcome = handle.skipped
                 continue
+        locked = _lock_run(spec, lock_timeout_s)
+        if isinstance(locked, RunOutcome):
+            handle.outcome = locked
+            continue
+        handle.lock = locked
+        if not spec.force:  # completed by the previous holder while we waited for the lock
+            handle.skipped = _completed_before(spec)
+            if handle.skipped is not None:
+                handle.outcome = handle.skipped
+                handle.release()
+                continue
+        if locked is not None and locked.taken_over is not None:
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            note = {**locked.taken_over, "at": now}
+            spec = handle.spec = dataclasses.replace(spec, lock_note=store.json_safe(note))
         pre = None
         if spec.preprocess is not None:
             token = (spec.store, repr(spec.preprocess))
@@ -806,7 +984,6 @@ def submit_runs(
                 )
             pre = handle.futures["preprocess"] = preprocessed[token]
         handle.submit("prepare", prepare_task, spec, pre)
-    return handles
 
 
 def _outcome_of(handle: RunHandle) -> RunOutcome:
@@ -850,9 +1027,12 @@ def collect(
 ) -> list[RunOutcome]:
     """Drive every run to its end, showing one live display when `console` (a rich Console)
     is given. Returns the outcomes in the order of `handles`. On KeyboardInterrupt the
-    remaining tasks are cancelled (their runs stay visibly "running" in the stores)."""
+    remaining tasks are cancelled (their runs stay visibly "running" in the stores). The runs'
+    locks are refreshed while they run and released when each ends, or when this returns or
+    raises."""
     total = sum(h.expected_tasks for h in handles)
     display = _Display(console, handles, total) if console is not None else None
+    refreshed = time.monotonic()
     try:
         with display if display is not None else contextlib.nullcontext():
             while True:
@@ -865,12 +1045,20 @@ def collect(
                     break
                 if display is not None:
                     display.refresh(client, _all_futures(handles))
+                if time.monotonic() - refreshed > LOCK_REFRESH_S:
+                    refreshed = time.monotonic()
+                    for h in handles:
+                        if h.lock is not None and h.outcome is None:
+                            h.lock.refresh()
                 time.sleep(poll_seconds)
             if display is not None:
                 display.refresh(client, _all_futures(handles))
     except KeyboardInterrupt:
         client.cancel(_all_futures(handles))
         raise
+    finally:
+        for h in handles:
+            h.release()
     return [h.outcome for h in handles if h.outcome is not None]
 
 
@@ -880,9 +1068,11 @@ def run_graph(
     *,
     retries: int = DEFAULT_RETRIES,
     console: Any | None = None,
+    lock_timeout_s: float | None = None,
 ) -> list[RunOutcome]:
     """Submit every run and wait for them: `collect(client, submit_runs(client, specs))`."""
-    return collect(client, submit_runs(client, specs, retries=retries), console=console)
+    handles = submit_runs(client, specs, retries=retries, lock_timeout_s=lock_timeout_s)
+    return collect(client, handles, console=console)
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,6 +1113,19 @@ class _Display:
         self.live = Live(self._render({}), console=console, refresh_per_second=4, transient=False)
         if skipped:
             console.print(f"{skipped} run(s) already complete: skipped (--force reruns them)")
+        for h in handles:
+            if h.outcome is not None and h.skipped is None:
+                self.finished(h)  # refused at once: locked by another driver
+            note = h.spec.lock_note
+            if note:
+                from rich.markup import escape
+
+                text = f"{store.describe_holder(note.get('holder') or {})}: {note.get('reason')}"
+                console.print(
+                    f"[yellow]{escape(h.spec.store.name)} {escape(h.spec.run_id)}: took over a "
+                    f"stale lock[/] of {escape(text)}",
+                    highlight=False,
+                )
 
     def __enter__(self) -> _Display:
         self.live.__enter__()

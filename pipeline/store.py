@@ -14,6 +14,9 @@ Layout (README, "Scan stores"):
   reconstructions/<run_id>[/<subgroup>]   results written back by the pipeline
 ```
 
+While a run is being written, its writer holds a lock file beside the store (not in it:
+`run_lock_path`, `acquire_run_lock`).
+
 Why this module exists: every other stage reads and writes through it, so the schema is
 checked in one place (`open_scan_store`) and a store is either complete or invisible
 (`create_scan_store` writes to a hidden sibling and renames). Raw arrays are written once.
@@ -23,12 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import getpass
+import json
 import math
 import os
 import shutil
+import socket
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -563,13 +572,16 @@ def write_run(
         if name in existing:
             del target[name]
     # Replace the target group's attrs (a rewrite must not keep stale attrs) without touching
-    # its children.
+    # its children. The run group's in one write that says "running": at no moment of a
+    # rewrite (a driver or worker may be killed at any) is the run without a status, or
+    # still "complete" while its arrays are being replaced.
     if subgroup:
-        target.attrs.clear()
+        target.attrs.put({})
     else:
-        keep = {k: run.attrs[k] for k in ("created",) if k in run.attrs}
-        run.attrs.clear()
-        run.attrs.update(keep)
+        now = _now()
+        running = {"created": run.attrs.get("created", now), "status": "running", "updated": now}
+        run.attrs.put(running)
+        out.attrs = {**out.attrs, **running}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         out.to_zarr(str(path), group=group, mode="a", consolidated=False, zarr_format=3)
@@ -628,6 +640,47 @@ def open_run(path: str | os.PathLike, run_id: str, subgroup: str | None = None) 
     return ds
 
 
+PART_RECORD = "ptyinr_part_record"
+
+
+def mark_part(
+    path: str | os.PathLike,
+    run_id: str,
+    record: dict[str, Any],
+    *,
+    subgroup: str | None = None,
+    array: str = "object",
+) -> None:
+    """Record that one part of a run (its arrays in `reconstructions/<run_id>[/<subgroup>]`)
+    is completely written: `record` goes into the attrs of its `array`, written after it.
+
+    On the array, not the group: the array is deleted when the part is written again
+    (`write_run` replaces it), so a record never outlives the data it vouches for, and only
+    the part's own writer touches it (the run group's attrs are shared by all parts).
+    """
+    path = Path(path)
+    _require_store_dir(path)
+    key = f"{_run_group_path(run_id, subgroup)}/{array}"
+    arr = zarr.open_array(str(path), path=key, mode="r+", zarr_format=3)
+    arr.attrs[PART_RECORD] = json_safe(record)
+
+
+def read_part(
+    path: str | os.PathLike, run_id: str, *, subgroup: str | None = None, array: str = "object"
+) -> dict[str, Any] | None:
+    """A part's record (`mark_part`), or None when the part is not completely written."""
+    path = Path(path)
+    key = f"{_run_group_path(run_id, subgroup)}/{array}"
+    if not (path / key / "zarr.json").is_file():
+        return None
+    try:
+        arr = zarr.open_array(str(path), path=key, mode="r", zarr_format=3)
+        record = arr.attrs.get(PART_RECORD)
+    except Exception:  # unreadable metadata: the part is rewritten
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def delete_run(path: str | os.PathLike, run_id: str) -> None:
     """Delete a run and everything under it. Raw data is never touched."""
     path = Path(path)
@@ -660,3 +713,263 @@ def store_summary(ds: xr.Dataset) -> dict[str, Any]:
     with contextlib.suppress(StoreError):
         summary["object_pixel_size_m"] = object_pixel_size(ds, (dy, dx))
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# one writer per run: the run lock
+
+#: A lock not refreshed for this long is stale whoever holds it (the holder's host may be
+#: unreachable, so its process cannot be checked). Environment: PTYINR_RUN_LOCK_TIMEOUT (s).
+RUN_LOCK_TIMEOUT_S = 24 * 3600.0
+_LOCK_WRITE_GRACE_S = 30.0  # an empty / unreadable lock younger than this is being written
+
+
+class RunLocked(StoreError):
+    """The run is being written by another process: `holder` is its lock's content."""
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+def run_lock_path(path: str | os.PathLike, run_id: str) -> Path:
+    """`<store parent>/.<store name>.<run_id>.lock`: beside the store, never inside it.
+
+    Inside, Zarr v3 would list the file as a member of its group and warn ("Object at ... is
+    not recognized as a component of a Zarr hierarchy") on every open of the store, the
+    reconstructions or the run; beside it, Zarr never sees it, `--force` (which deletes the
+    run group) cannot remove it, and a copied store does not carry a lock along.
+    """
+    path = Path(path)
+    _run_group_path(run_id)  # validates the name
+    return path.parent / f".{path.name}.{run_id}.lock"
+
+
+def lock_timeout_s() -> float:
+    """`RUN_LOCK_TIMEOUT_S`, or the environment's PTYINR_RUN_LOCK_TIMEOUT (seconds)."""
+    raw = os.environ.get("PTYINR_RUN_LOCK_TIMEOUT")
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise StoreError(
+                f"PTYINR_RUN_LOCK_TIMEOUT={raw!r}; expected a number of seconds"
+            ) from None
+        if value > 0:
+            return value
+    return RUN_LOCK_TIMEOUT_S
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (Linux: clock ticks since boot), to tell a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name (containers): the uid will do
+        return str(os.getuid())
+
+
+def _read_lock(lock: Path) -> tuple[dict[str, Any] | None, float] | None:
+    """(holder or None when unreadable, mtime); None when there is no lock."""
+    try:
+        mtime = lock.stat().st_mtime
+        text = lock.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    return (holder if isinstance(holder, dict) else None), mtime
+
+
+def describe_holder(holder: Mapping[str, Any]) -> str:
+    """'pid 123 on host h (user u, since 2026-...)'."""
+    text = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    extra = [f"user {holder['user']}" if holder.get("user") else "", holder.get("started", "")]
+    extra = [e if i == 0 else f"since {e}" for i, e in enumerate(extra) if e]
+    return f"{text} ({', '.join(extra)})" if extra else text
+
+
+def stale_reason(
+    holder: Mapping[str, Any] | None, mtime: float, *, timeout_s: float | None = None
+) -> str | None:
+    """Why a lock is stale, or None while its holder may still be at work.
+
+    Stale: its holder's process is gone (same host, pid not alive or reused by a process
+    started later), or the lock was not refreshed for `timeout_s` (the holder refreshes it
+    while it runs; a holder on another host cannot be checked otherwise), or it is unreadable
+    and older than the few seconds its writing takes.
+    """
+    timeout = lock_timeout_s() if timeout_s is None else float(timeout_s)
+    age = time.time() - mtime
+    if holder is None:
+        return f"unreadable lock, {age:.0f} s old" if age > _LOCK_WRITE_GRACE_S else None
+    if age > timeout:
+        return f"not refreshed for {age:.0f} s (timeout {timeout:.0f} s)"
+    if holder.get("host") == socket.gethostname():
+        try:
+            pid = int(holder.get("pid"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return "lock names no process"
+        if not _pid_alive(pid):
+            return f"its process {pid} is gone"
+        started = holder.get("pid_start")
+        if started is not None and _process_start(pid) not in (None, started):
+            return f"its process {pid} is gone (the pid now belongs to another process)"
+    return None
+
+
+def _create_lock(lock: Path, holder: dict[str, Any]) -> bool:
+    """Create `lock` holding `holder` atomically; False when it exists already."""
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(holder, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+@dataclass
+class RunLock:
+    """A held run lock: `release` it when the run is over (complete or failed).
+
+    `taken_over` is the stale lock it replaced (its holder and why it was stale), or None.
+    """
+
+    path: Path
+    holder: dict[str, Any]
+    taken_over: dict[str, Any] | None = None
+    released: bool = False
+
+    def refresh(self) -> None:
+        """Show the holder is alive (the lock's mtime is its heartbeat)."""
+        if not self.released:
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (a takeover may have replaced it)."""
+        if self.released:
+            return
+        self.released = True
+        found = _read_lock(self.path)
+        if found is not None and found[0] is not None:
+            if found[0].get("token") == self.holder["token"]:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def read_run_lock(path: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
+    """The holder of a run's lock ({} when unreadable), or None when the run is not locked."""
+    found = _read_lock(run_lock_path(path, run_id))
+    return None if found is None else (found[0] or {})
+
+
+def acquire_run_lock(
+    path: str | os.PathLike, run_id: str, *, timeout_s: float | None = None
+) -> RunLock:
+    """Take the lock of `reconstructions/<run_id>` for this process, or raise `RunLocked`.
+
+    The lock is a file created atomically (O_CREAT | O_EXCL) holding JSON {host, pid,
+    pid_start, user, started, token, store, run_id}. A stale lock (`stale_reason`) is taken
+    over: under a short-lived `.takeover` guard file, re-read, removed if unchanged, and
+    created anew; `RunLock.taken_over` says whose it was and why. The lock is the process's
+    that calls this (`ptyinr run`'s driver), released by `RunLock.release`.
+    """
+    path = Path(path)
+    lock = run_lock_path(path, run_id)
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
+        "user": _user(),
+        "started": _now(),
+        "token": uuid.uuid4().hex,
+        "store": str(path),
+        "run_id": run_id,
+    }
+    taken_over = None
+    for _ in range(5):
+        if _create_lock(lock, holder):
+            return RunLock(lock, holder, taken_over)
+        found = _read_lock(lock)
+        if found is None:
+            continue  # released meanwhile: try again
+        current, mtime = found
+        reason = stale_reason(current, mtime, timeout_s=timeout_s)
+        if reason is None:
+            who = describe_holder(current) if current else "a process writing its lock"
+            if current and current.get("host") != socket.gethostname():
+                timeout = lock_timeout_s() if timeout_s is None else float(timeout_s)
+                hint = (
+                    "that host cannot be checked from here: if its process is gone, delete the "
+                    f"lock, or it goes stale {timeout / 3600:.3g} h after its last refresh"
+                )
+            else:
+                hint = "it is taken over once that process is gone"
+            raise RunLocked(
+                f"run {run_id!r} of {path} is being written by {who}; lock {lock} ({hint})",
+                current,
+            )
+        if _take_over(lock, current, mtime):
+            taken_over = {"holder": current or {}, "reason": reason}
+    raise RunLocked(f"run {run_id!r} of {path}: lock {lock} keeps changing; try again")
+
+
+def _take_over(lock: Path, seen: dict[str, Any] | None, seen_mtime: float) -> bool:
+    """Remove the stale lock `seen`, unless it changed meanwhile; True when removed."""
+    guard = lock.with_name(lock.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - guard.stat().st_mtime > _LOCK_WRITE_GRACE_S:
+                guard.unlink()  # left by a process that died taking over
+        time.sleep(0.05)
+        return False
+    os.close(fd)
+    try:
+        found = _read_lock(lock)
+        if found is None:
+            return False
+        if found[0] != seen or (seen is None and found[1] != seen_mtime):
+            return False  # somebody else's fresh lock: judge it again
+        try:
+            lock.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            guard.unlink()

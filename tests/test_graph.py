@@ -6,6 +6,8 @@ One cluster serves the whole module. The data are tiny simulated scans (40 x 40 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -136,6 +138,7 @@ def test_run_writes_a_complete_results_group(reference, data: Path) -> None:
     for name in ("amplitude.png", "phase.png", "probe.png", "loss.png", "frc.png"):
         assert (figures / name).stat().st_size > 1000, name
     assert not (data / "checkpoints" / "reference").exists()
+    assert store.read_run_lock(data, "reference") is None  # released when it completed
 
 
 def test_rerun_skips_a_complete_run(client, reference, data: Path) -> None:
@@ -235,6 +238,83 @@ def test_failures_are_recorded_and_the_other_runs_finish(
     assert too_big.status == "failed" and too_big.recorded, too_big
     assert "plan needs" in too_big.reason and "usable" in too_big.reason
     assert store.open_run(data, "cannot-fit").attrs["status"] == "failed"
+    # every lock released, failed runs' too
+    for path, run_id in ((diverging, "r1"), (data, "other"), (data, "cannot-fit")):
+        assert store.read_run_lock(path, run_id) is None, (path, run_id)
+
+
+def test_a_rerun_of_an_interrupted_run_reuses_the_parts_it_wrote(client, data: Path) -> None:
+    """A run left "running" (its driver died after the reconstruction was written) is
+    finished by running it again: the written part is reused when nothing it depends on
+    changed, and reconstructed again when something did."""
+    cfg = load_config(overrides=[*FAST, "train.epochs=3"])
+    spec = graph.RunSpec(store=data, config=cfg, run_id="interrupted", frc=False)
+    (first,) = graph.run_graph(client, [spec])
+    assert first.status == "complete", first.reason
+    record = store.read_part(data, "interrupted")
+    assert record["result"]["epochs"] == 3 and record["fingerprint"]
+    store.mark_run(data, "interrupted", "running")  # as a driver killed mid-write leaves it
+    (again,) = graph.run_graph(client, [spec])
+    assert again.status == "complete", again.reason
+    attrs = store.open_run(data, "interrupted").attrs
+    assert attrs["reused_parts"] == ["full"] and attrs["epochs"] == 3
+    assert again.final_loss == pytest.approx(first.final_loss)
+
+    # same run id, another configuration: the part is not the one asked for, it is redone
+    store.mark_run(data, "interrupted", "running")
+    other = dataclasses.replace(spec, config=load_config(overrides=[*FAST, "train.epochs=2"]))
+    (redone,) = graph.run_graph(client, [other])
+    assert redone.status == "complete", redone.reason
+    attrs = store.open_run(data, "interrupted").attrs
+    assert "reused_parts" not in attrs and attrs["epochs"] == 2
+    assert store.open_run(data, "interrupted").sizes["epoch"] == 2
+    assert store.read_part(data, "interrupted")["result"]["epochs"] == 2
+
+
+# --------------------------------------------------------------------------- one writer per run
+
+
+def test_a_run_locked_by_another_driver_fails_at_once_unrecorded(client, data: Path) -> None:
+    lock = store.run_lock_path(data, "locked")
+    holder = {"host": "elsewhere.example.org", "pid": os.getppid(), "user": "someone"}
+    lock.write_text(json.dumps(holder))
+    try:
+        spec = graph.RunSpec(store=data, config=load_config(overrides=FAST), run_id="locked")
+        handles = graph.submit_runs(client, [spec])
+        assert handles[0].futures == {}  # nothing submitted
+        (outcome,) = graph.collect(client, handles)
+        assert outcome.status == "failed" and outcome.stage == "lock" and not outcome.recorded
+        assert f"pid {os.getppid()} on host elsewhere.example.org" in outcome.reason
+        assert "locked" not in {r["run_id"] for r in store.list_runs(data)}
+        assert json.loads(lock.read_text()) == holder  # not stolen, not released
+    finally:
+        lock.unlink()
+
+
+def test_two_drivers_of_one_run_id_at_once_one_wins(client, data: Path) -> None:
+    """Two drivers (threads here, with their own lock each) start the same run together."""
+    spec = graph.RunSpec(
+        store=data, config=load_config(overrides=[*FAST, "train.epochs=3"]), run_id="twice",
+        frc=False,
+    )  # fmt: skip
+    barrier = threading.Barrier(2)
+    outcomes: list[graph.RunOutcome] = []
+
+    def drive() -> None:
+        barrier.wait()
+        outcomes.extend(graph.run_graph(client, [spec]))
+
+    threads = [threading.Thread(target=drive) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    winner, loser = sorted(outcomes, key=lambda o: o.status)
+    assert (winner.status, loser.status) == ("complete", "failed"), outcomes
+    assert loser.stage == "lock" and f"pid {os.getpid()} on host" in loser.reason
+    assert not loser.recorded
+    assert store.open_run(data, "twice").attrs["status"] == "complete"
+    assert store.read_run_lock(data, "twice") is None
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -340,6 +340,47 @@ def test_runs_lifecycle(tmp_path):
         store.write_run(path, "../evil", res, attrs={})
 
 
+def test_a_part_record_lives_and_dies_with_the_part_arrays(tmp_path):
+    path, _, _ = _make(tmp_path)
+    assert store.read_part(path, "r1") is None  # no run
+    store.write_run(path, "r1", _result(), attrs={})
+    store.write_run(path, "r1", _result(1), attrs={}, subgroup="half_a")
+    assert store.read_part(path, "r1") is None  # written, not vouched for
+    store.mark_part(path, "r1", {"fingerprint": "abc", "result": {"loss": float("nan")}})
+    store.mark_part(path, "r1", {"fingerprint": "def"}, subgroup="half_a")
+    assert store.read_part(path, "r1") == {"fingerprint": "abc", "result": {"loss": "NaN"}}
+    assert store.read_part(path, "r1", subgroup="half_a") == {"fingerprint": "def"}
+    # the run's attrs being rewritten (prepare of a re-run, the final write) keep the records
+    store.write_run(path, "r1", xr.Dataset(), attrs={"again": True})
+    assert store.read_part(path, "r1")["fingerprint"] == "abc"
+    # rewriting the part's arrays drops its record: a rewrite cut short is not vouched for
+    store.write_run(path, "r1", _result(2), attrs={})
+    assert store.read_part(path, "r1") is None
+    assert store.read_part(path, "r1", subgroup="half_a") == {"fingerprint": "def"}
+    with pytest.raises(StoreError, match="subgroup"):
+        store.read_part(path, "r1", subgroup="../x")
+
+
+def test_a_rewrite_cut_short_leaves_the_run_running(tmp_path, monkeypatch):
+    """A process killed while it rewrites a complete run's arrays: the run says "running"
+    (never "complete" with arrays missing, never without a status)."""
+    path, _, _ = _make(tmp_path)
+    store.write_run(path, "r1", _result(), attrs={"a": 1})
+    store.mark_run(path, "r1", "complete")
+    created = store.list_runs(path)[0]["created"]
+
+    def killed(self, *args, **kwargs):
+        assert store.list_runs(path)[0]["status"] == "running"  # already, before any array
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_run(path, "r1", _result(1), attrs={"b": 2})
+    (run,) = store.list_runs(path)
+    assert run["status"] == "running" and run["created"] == created
+    assert "object" not in store.open_run(path, "r1")  # the old arrays are gone already
+
+
 def _writer(path: str, run_id: str, seed: int) -> None:
     for i in range(4):
         store.write_run(path, run_id, _result(seed + i), attrs={"i": i})
