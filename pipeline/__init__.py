@@ -18,7 +18,7 @@ Where things live (imports point down this list; `lint-imports` checks it):
 process or data-parallel ranks) -> `engines` (one module per method) -> `runtime` (device,
 memory plan, precision, streaming, collectives), `probe_guess` -> `scandata`, `figures`,
 `simulate`, `preprocess`, `ingest` -> `models`, `physics`, `optics`, `probe_files`, `losses`,
-`evaluate` -> `store`, `config` -> `geometry`, `batching`, `errors`, `version`.
+`evaluate` -> `runlock` -> `store`, `config` -> `geometry`, `batching`, `errors`, `version`.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ three rules:
   concurrent writes of the three reconstructions cannot leave them stale.
 
 One writer per run: the driver (the process calling `submit_runs`, i.e. `ptyinr run` /
-`ptyinr scan`) takes the run's lock (`store.acquire_run_lock`) before it submits anything, and
+`ptyinr scan`) takes the run's lock (`runlock.acquire_run_lock`) before it submits anything, and
 releases it when the run's outcome is known (complete or failed) or the driver stops
 (`collect` releases every lock it holds on the way out, interrupted or not). The driver is the
 owner because it is the one process that lives as long as the run: a worker's lock would be
@@ -43,7 +43,7 @@ and workers die and are replaced. A second driver of the same run id finds the l
 its run fails at once (stage "lock", not recorded in the store: the store belongs to the
 winner) naming the holder's host and pid; the CLI then exits 1. The driver refreshes the lock
 while it waits (its mtime is the heartbeat); a lock whose holder is gone (same host, pid dead)
-or that was not refreshed for `store.lock_timeout_s()` (24 h by default) is stale and taken
+or that was not refreshed for `runlock.lock_timeout_s()` (24 h by default) is stale and taken
 over, which the new run records in its attrs (`lock_taken_over`).
 
 A driver killed mid-run leaves its run group "running" (only the write task's last step
@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ptyinr import evaluate, figures, store
+from ptyinr import evaluate, figures, runlock, store
 from ptyinr.cluster import current_slurm_job_id, task_resources
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines.base import checkpoint_epoch
@@ -802,7 +802,7 @@ class RunHandle:
     futures: dict[str, Any] = field(default_factory=dict)
     skipped: RunOutcome | None = None
     outcome: RunOutcome | None = None
-    lock: store.RunLock | None = None  # held from submit_runs until the outcome is known
+    lock: runlock.RunLock | None = None  # held from submit_runs until the outcome is known
 
     def release(self) -> None:
         """Release the run's lock (once the run is over, or the driver stops)."""
@@ -881,7 +881,7 @@ def _completed_before(spec: RunSpec) -> RunOutcome | None:
     return None
 
 
-def _lock_run(spec: RunSpec, timeout_s: float | None) -> store.RunLock | RunOutcome | None:
+def _lock_run(spec: RunSpec, timeout_s: float | None) -> runlock.RunLock | RunOutcome | None:
     """The run's lock for this driver, or the failed outcome of a run somebody else holds.
 
     None (no lock) for a path that is not a directory: prepare will refuse it, and nothing is
@@ -891,8 +891,8 @@ def _lock_run(spec: RunSpec, timeout_s: float | None) -> store.RunLock | RunOutc
     if not spec.store.is_dir():
         return None
     try:
-        return store.acquire_run_lock(spec.store, spec.run_id, timeout_s=timeout_s)
-    except store.RunLocked as exc:
+        return runlock.acquire_run_lock(spec.store, spec.run_id, timeout_s=timeout_s)
+    except runlock.RunLocked as exc:
         return RunOutcome(
             spec.store,
             spec.run_id,
@@ -923,7 +923,7 @@ def submit_runs(
 
     Runs already complete in their store are skipped unless `force`. Every other run is
     locked for this driver first (see the module's docstring; `lock_timeout_s`: when a lock
-    nobody refreshes is stale, default `store.lock_timeout_s()`); a run locked by another
+    nobody refreshes is stale, default `runlock.lock_timeout_s()`); a run locked by another
     driver fails at once (stage "lock"). Reconstructions will
     ask for `task_resources(client)` (one GPU when workers have GPUs); one preprocess task
     per store serves all runs on it. Store paths are made absolute, so workers started
@@ -1120,7 +1120,7 @@ class _Display:
             if note:
                 from rich.markup import escape
 
-                text = f"{store.describe_holder(note.get('holder') or {})}: {note.get('reason')}"
+                text = f"{runlock.describe_holder(note.get('holder') or {})}: {note.get('reason')}"
                 console.print(
                     f"[yellow]{escape(h.spec.store.name)} {escape(h.spec.run_id)}: took over a "
                     f"stale lock[/] of {escape(text)}",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ptyinr import evaluate, graph, store
+from ptyinr import evaluate, graph, runlock, store
 from ptyinr.config import load_config
 from ptyinr.simulate import SimulationConfig, write_simulated_store
 
@@ -138,7 +138,7 @@ def test_run_writes_a_complete_results_group(reference, data: Path) -> None:
     for name in ("amplitude.png", "phase.png", "probe.png", "loss.png", "frc.png"):
         assert (figures / name).stat().st_size > 1000, name
     assert not (data / "checkpoints" / "reference").exists()
-    assert store.read_run_lock(data, "reference") is None  # released when it completed
+    assert runlock.read_run_lock(data, "reference") is None  # released when it completed
 
 
 def test_rerun_skips_a_complete_run(client, reference, data: Path) -> None:
@@ -240,7 +240,7 @@ def test_failures_are_recorded_and_the_other_runs_finish(
     assert store.open_run(data, "cannot-fit").attrs["status"] == "failed"
     # every lock released, failed runs' too
     for path, run_id in ((diverging, "r1"), (data, "other"), (data, "cannot-fit")):
-        assert store.read_run_lock(path, run_id) is None, (path, run_id)
+        assert runlock.read_run_lock(path, run_id) is None, (path, run_id)
 
 
 def test_a_rerun_of_an_interrupted_run_reuses_the_parts_it_wrote(client, data: Path) -> None:
@@ -275,7 +275,7 @@ def test_a_rerun_of_an_interrupted_run_reuses_the_parts_it_wrote(client, data: P
 
 
 def test_a_run_locked_by_another_driver_fails_at_once_unrecorded(client, data: Path) -> None:
-    lock = store.run_lock_path(data, "locked")
+    lock = runlock.run_lock_path(data, "locked")
     holder = {"host": "elsewhere.example.org", "pid": os.getppid(), "user": "someone"}
     lock.write_text(json.dumps(holder))
     try:
@@ -314,7 +314,7 @@ def test_two_drivers_of_one_run_id_at_once_one_wins(client, data: Path) -> None:
     assert loser.stage == "lock" and f"pid {os.getpid()} on host" in loser.reason
     assert not loser.recorded
     assert store.open_run(data, "twice").attrs["status"] == "complete"
-    assert store.read_run_lock(data, "twice") is None
+    assert runlock.read_run_lock(data, "twice") is None
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -25,7 +25,7 @@ import xarray as xr
 import zarr
 from typer.testing import CliRunner
 
-from ptyinr import store
+from ptyinr import runlock, store
 from ptyinr.simulate import SimulationConfig, write_simulated_store
 
 FAST = [
@@ -68,7 +68,7 @@ def dead_pid() -> int:
 
 
 def fake_lock(data: Path, run_id: str, *, host: str, pid: int, age_s: float = 0.0) -> Path:
-    lock = store.run_lock_path(data, run_id)
+    lock = runlock.run_lock_path(data, run_id)
     holder = {"host": host, "pid": pid, "user": "someone", "started": "2026-01-01T00:00:00"}
     lock.write_text(json.dumps({**holder, "token": "fake"}))
     if age_s:
@@ -81,58 +81,58 @@ def fake_lock(data: Path, run_id: str, *, host: str, pid: int, age_s: float = 0.
 
 
 def test_lock_is_exclusive_and_released_only_by_its_holder(data: Path) -> None:
-    lock = store.acquire_run_lock(data, "r1")
+    lock = runlock.acquire_run_lock(data, "r1")
     assert lock.path == data.parent / ".scan.zarr.r1.lock" and lock.taken_over is None
-    holder = store.read_run_lock(data, "r1")
+    holder = runlock.read_run_lock(data, "r1")
     assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
     assert {"user", "started", "token"} <= set(holder)
     # the same process again (a second driver in it, or the same run twice in one call)
-    with pytest.raises(store.RunLocked, match=f"pid {os.getpid()} on host"):
-        store.acquire_run_lock(data, "r1")
-    with store.acquire_run_lock(data, "r2"):  # another run id: its own lock
-        assert store.read_run_lock(data, "r2") is not None
-    assert store.read_run_lock(data, "r2") is None
+    with pytest.raises(runlock.RunLocked, match=f"pid {os.getpid()} on host"):
+        runlock.acquire_run_lock(data, "r1")
+    with runlock.acquire_run_lock(data, "r2"):  # another run id: its own lock
+        assert runlock.read_run_lock(data, "r2") is not None
+    assert runlock.read_run_lock(data, "r2") is None
     lock.release()
-    assert store.read_run_lock(data, "r1") is None and not lock.path.exists()
+    assert runlock.read_run_lock(data, "r1") is None and not lock.path.exists()
     # a release after a takeover leaves the new holder's lock alone
-    lock = store.acquire_run_lock(data, "r1")
+    lock = runlock.acquire_run_lock(data, "r1")
     lock.path.unlink()
     other = fake_lock(data, "r1", host=FOREIGN, pid=1)
     lock.release()
     assert other.exists()
     with pytest.raises(store.StoreError, match="run_id"):
-        store.run_lock_path(data, "../x")
+        runlock.run_lock_path(data, "../x")
 
 
 def test_a_live_holder_keeps_its_lock_a_dead_one_is_taken_over(data: Path) -> None:
     # a live process on this host (the test's parent) and one on another host: held
     live = fake_lock(data, "r", host=socket.gethostname(), pid=os.getppid())
     before = live.read_text()
-    with pytest.raises(store.RunLocked) as err:
-        store.acquire_run_lock(data, "r")
+    with pytest.raises(runlock.RunLocked) as err:
+        runlock.acquire_run_lock(data, "r")
     assert f"pid {os.getppid()} on host {socket.gethostname()}" in str(err.value)
     assert err.value.holder["pid"] == os.getppid()
     assert live.read_text() == before  # not stolen
     foreign = fake_lock(data, "r", host=FOREIGN, pid=dead_pid())  # cannot be checked there
     before = foreign.read_text()
-    with pytest.raises(store.RunLocked, match=f"host {FOREIGN}"):
-        store.acquire_run_lock(data, "r")
+    with pytest.raises(runlock.RunLocked, match=f"host {FOREIGN}"):
+        runlock.acquire_run_lock(data, "r")
     assert foreign.read_text() == before
 
     # a dead process on this host: stale, taken over with a note
     gone = dead_pid()
     fake_lock(data, "r", host=socket.gethostname(), pid=gone)
-    lock = store.acquire_run_lock(data, "r")
+    lock = runlock.acquire_run_lock(data, "r")
     assert lock.taken_over["holder"]["pid"] == gone
     assert f"process {gone} is gone" in lock.taken_over["reason"]
-    assert store.read_run_lock(data, "r")["pid"] == os.getpid()
+    assert runlock.read_run_lock(data, "r")["pid"] == os.getpid()
     lock.release()
 
     # a reused pid (same pid, later start) is gone too
     fake_lock(data, "r", host=socket.gethostname(), pid=os.getppid())
-    holder = json.loads(store.run_lock_path(data, "r").read_text())
-    store.run_lock_path(data, "r").write_text(json.dumps({**holder, "pid_start": "1"}))
-    with store.acquire_run_lock(data, "r") as lock:
+    holder = json.loads(runlock.run_lock_path(data, "r").read_text())
+    runlock.run_lock_path(data, "r").write_text(json.dumps({**holder, "pid_start": "1"}))
+    with runlock.acquire_run_lock(data, "r") as lock:
         assert "another process" in lock.taken_over["reason"]
 
 
@@ -140,9 +140,9 @@ def test_a_lock_nobody_refreshes_goes_stale_after_the_timeout(
     data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_lock(data, "r", host=FOREIGN, pid=1, age_s=3600)
-    with pytest.raises(store.RunLocked):
-        store.acquire_run_lock(data, "r")  # default: 24 h
-    with store.acquire_run_lock(data, "r", timeout_s=600) as lock:
+    with pytest.raises(runlock.RunLocked):
+        runlock.acquire_run_lock(data, "r")  # default: 24 h
+    with runlock.acquire_run_lock(data, "r", timeout_s=600) as lock:
         assert "not refreshed for" in lock.taken_over["reason"]
         then = time.time() - 3600
         os.utime(lock.path, (then, then))
@@ -150,30 +150,30 @@ def test_a_lock_nobody_refreshes_goes_stale_after_the_timeout(
         assert time.time() - lock.path.stat().st_mtime < 60
     fake_lock(data, "r", host=FOREIGN, pid=1, age_s=3600)
     monkeypatch.setenv("PTYINR_RUN_LOCK_TIMEOUT", "1800")
-    assert store.lock_timeout_s() == 1800
-    with store.acquire_run_lock(data, "r") as lock:
+    assert runlock.lock_timeout_s() == 1800
+    with runlock.acquire_run_lock(data, "r") as lock:
         assert lock.taken_over is not None
     monkeypatch.setenv("PTYINR_RUN_LOCK_TIMEOUT", "soon")
     with pytest.raises(store.StoreError, match="PTYINR_RUN_LOCK_TIMEOUT"):
-        store.lock_timeout_s()
+        runlock.lock_timeout_s()
 
 
 def test_an_unreadable_lock_is_held_while_young_then_stale(data: Path) -> None:
-    lock = store.run_lock_path(data, "r")
+    lock = runlock.run_lock_path(data, "r")
     lock.write_text("")  # created, its JSON not written yet
-    with pytest.raises(store.RunLocked, match="writing its lock"):
-        store.acquire_run_lock(data, "r")
+    with pytest.raises(runlock.RunLocked, match="writing its lock"):
+        runlock.acquire_run_lock(data, "r")
     then = time.time() - 120
     os.utime(lock, (then, then))
-    with store.acquire_run_lock(data, "r") as held:
+    with runlock.acquire_run_lock(data, "r") as held:
         assert "unreadable" in held.taken_over["reason"]
 
 
 def _contender(path: str, run_id: str, barrier, results) -> None:
     barrier.wait()
     try:
-        lock = store.acquire_run_lock(path, run_id)
-    except store.RunLocked:
+        lock = runlock.acquire_run_lock(path, run_id)
+    except runlock.RunLocked:
         results.put("lost")
         return
     results.put("won" if lock.taken_over is None else "took over")
@@ -197,13 +197,13 @@ def test_racing_processes_one_wins(data: Path, stale: bool) -> None:
         assert p.exitcode == 0
     got = sorted(results.get(timeout=5) for _ in procs)
     assert got == ["lost", "lost", "lost", "took over" if stale else "won"]
-    assert not store.run_lock_path(data, "r").with_name(".scan.zarr.r.lock.takeover").exists()
+    assert not runlock.run_lock_path(data, "r").with_name(".scan.zarr.r.lock.takeover").exists()
 
 
 def test_zarr_and_the_store_functions_never_see_the_lock(data: Path) -> None:
     store.write_run(data, "r", xr.Dataset({"a": ("i", np.arange(3))}), attrs={})
     store.write_run(data, "r", xr.Dataset({"a": ("i", np.arange(3))}), attrs={}, subgroup="half_a")
-    with store.acquire_run_lock(data, "r"), store.acquire_run_lock(data, "other"):
+    with runlock.acquire_run_lock(data, "r"), runlock.acquire_run_lock(data, "other"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "not recognized as a component" would raise
             ds = store.open_scan_store(data)
@@ -218,7 +218,7 @@ def test_zarr_and_the_store_functions_never_see_the_lock(data: Path) -> None:
             store.open_run(data, "r", "half_a").load()
         assert not [p for p in data.rglob("*") if "lock" in p.name]  # nothing inside the store
         store.delete_run(data, "r")  # --force deletes the run group: the lock stays
-        assert store.read_run_lock(data, "r") is not None
+        assert runlock.read_run_lock(data, "r") is not None
 
 
 # --------------------------------------------------------------------------- ptyinr run
@@ -255,7 +255,7 @@ def test_run_locked_by_another_driver_fails_then_a_stale_lock_is_taken_over(data
     assert attrs["status"] == "complete"
     assert attrs["lock_taken_over"]["holder"]["pid"] == gone
     assert "is gone" in attrs["lock_taken_over"]["reason"]
-    assert store.read_run_lock(data, "R") is None  # released when the run completed
+    assert runlock.read_run_lock(data, "R") is None  # released when the run completed
 
 
 def _run_attrs(data: Path, run_id: str) -> dict:
@@ -314,7 +314,7 @@ def test_a_killed_driver_leaves_the_run_running_and_a_rerun_completes_it(data: P
     store.open_scan_store(data)  # the store opens
     (run,) = store.list_runs(data)
     assert run["status"] == "running"
-    assert store.read_run_lock(data, "R")["pid"] == proc.pid  # left behind, now stale
+    assert runlock.read_run_lock(data, "R")["pid"] == proc.pid  # left behind, now stale
 
     again = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -334,4 +334,4 @@ def test_a_killed_driver_leaves_the_run_running_and_a_rerun_completes_it(data: P
     assert "full" in run["reused_parts"]  # the finished part was not trained again
     for half in ("half_a", "half_b"):
         assert np.isfinite(store.open_run(data, "R", half)["object"].values).all()
-    assert store.read_run_lock(data, "R") is None
+    assert runlock.read_run_lock(data, "R") is None
