@@ -16,9 +16,10 @@ Where things live (imports point down this list; `lint-imports` checks it):
 `cli` (the command line) -> `graph`, `jobscript` (Dask graph of run/scan; SLURM driver jobs)
 -> `reconstruct`, `cluster` (store -> engine -> store; where the graph runs) -> `launch` (one
 process or data-parallel ranks) -> `engines` (one module per method) -> `runtime` (device,
-memory plan, precision, streaming, collectives), `probe_guess` -> `scandata`, `figures`,
-`simulate`, `preprocess`, `ingest` -> `models`, `physics`, `optics`, `probe_files`, `losses`,
-`evaluate` -> `runlock` -> `store`, `config` -> `geometry`, `batching`, `errors`, `version`.
+memory plan, precision, streaming, collectives), `probe_guess`, `ptychonn_train` ->
+`ptychonn_data` -> `scandata`, `figures`, `export`, `simulate`, `preprocess`, `ingest` ->
+`models`, `physics`, `optics`, `probe_files`, `losses`, `evaluate` -> `runlock` -> `store`,
+`config` -> `geometry`, `batching`, `errors`, `version`.
 """
 
 from __future__ import annotations
