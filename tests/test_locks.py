@@ -1,4 +1,4 @@
-"""One writer per run: the run lock (ptyinr.store) as `ptyinr run` takes it, and a run whose
+"""One writer per run: the run lock (ptyinr.runlock) as `ptyinr run` takes it, and a run whose
 driver is killed mid-write, finished by running it again.
 
 The lock is a file beside the store, `.<store>.<run_id>.lock`, holding {host, pid, user, ...}
