@@ -33,6 +33,7 @@ from ptyinr.batching import validation_split
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines import checkpoint
 from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.losses import get_loss
 from ptyinr.physics import ScanGeometry
 from ptyinr.probe_guess import ProbeStart, TrialData, choose_probe_start, compact_patch
 from ptyinr.runtime import Runtime
@@ -83,6 +84,8 @@ class Engine(ABC):
             data.positions_px, config.train.validation_fraction, config.train.seed
         )
         self.validation = Validation()
+        self.loss_fn = get_loss(config.train.loss)  # the data term every method reports
+        self.setup()
 
     @classmethod
     def check_ranks(cls, world_size: int) -> None:
@@ -101,6 +104,12 @@ class Engine(ABC):
         return config
 
     # -- what each method provides ------------------------------------------------------------
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Build the method's state (measurements, probe start, object, optimiser, ...) from
+        `self.data`, `self.config`, `self.geometry`, `self.runtime`, `self.known_probe`;
+        called once at the end of the shared constructor."""
 
     @abstractmethod
     def run_epoch(self) -> float:

@@ -49,10 +49,6 @@ from ptyinr import optics
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines.base import Engine, with_pixel_fields
 from ptyinr.errors import ConfigError, InputError
-from ptyinr.losses import get_loss
-from ptyinr.physics import ScanGeometry
-from ptyinr.runtime import Runtime
-from ptyinr.scandata import ScanData
 
 #: floor of the far-field modulus in the modulus constraint (normalised amplitude units)
 MODULUS_FLOOR = 1e-12
@@ -82,18 +78,10 @@ class EpieEngine(Engine):
             )
         return with_pixel_fields(config)
 
-    def __init__(
-        self,
-        data: ScanData,
-        config: ReconstructionConfig,
-        geometry: ScanGeometry,
-        runtime: Runtime,
-        *,
-        known_probe: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(data, config, geometry, runtime, known_probe=known_probe)
+    def setup(self) -> None:
+        """Everything this method builds before its first epoch."""
+        geometry, known_probe = self.geometry, self.known_probe
         device = self.device
-        self.loss_fn = get_loss(config.train.loss)
         self.measured = self.measurements()
         self.intensity_scale = float(self.measured.scale)
         ny, nx = geometry.window_shape
@@ -211,11 +199,7 @@ class EpieEngine(Engine):
             intensity = torch.empty((len(block), ny, nx), device=self.device)
             for j, i in enumerate(block.tolist()):
                 y, x = self._corners[i]
-                if self._ramp_y is not None and self._ramp_x is not None:
-                    ramp = self._ramp_y[i, :, None] * self._ramp_x[i, None, :]
-                    shifted = torch.fft.ifft2(self._probe * ramp)
-                else:
-                    shifted = self._probe
+                shifted, _ = self._shifted_probe(i)
                 far = torch.fft.fft2(shifted * self.object[y : y + ny, x : x + nx], norm="ortho")
                 intensity[j] = far.real.square() + far.imag.square()
             total += float(self.loss_fn(intensity, amplitude, beta, self._valid)) * len(block)
@@ -249,6 +233,14 @@ class EpieEngine(Engine):
         self.check_finite(value)
         return value
 
+    def _shifted_probe(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The probe as position `i` sees it, and the Fourier ramp of its sub-pixel shift
+        (None without sub-pixel positions: the probe is held as pixels then)."""
+        if self._ramp_y is None or self._ramp_x is None:
+            return self._probe, None
+        ramp = self._ramp_y[i, :, None] * self._ramp_x[i, None, :]
+        return torch.fft.ifft2(self._probe * ramp), ramp
+
     def _weights(self, field: torch.Tensor, which: str) -> torch.Tensor:
         """conj(f) beta / ((1 - alpha) |f|^2 + alpha max |f|^2) (rPIE), or conj(f) beta /
         max |f|^2 (ePIE): the factor of dpsi in the update of the other factor."""
@@ -281,7 +273,6 @@ class EpieEngine(Engine):
         ny, nx = self.geometry.window_shape
         obj = self.object
         probe = self._probe  # the spectrum with sub-pixel shifts, else the pixels
-        ramp_y, ramp_x = self._ramp_y, self._ramp_x
         valid = self._valid
         if valid is not None:
             keep = (~valid).to(intensity.dtype)  # where the prediction is kept
@@ -289,12 +280,7 @@ class EpieEngine(Engine):
         for j, i in enumerate(block.tolist()):
             y, x = self._corners[i]
             patch = obj[y : y + ny, x : x + nx]
-            ramp = None
-            if ramp_y is not None and ramp_x is not None:
-                ramp = ramp_y[i, :, None] * ramp_x[i, None, :]
-                shifted = torch.fft.ifft2(probe * ramp)
-            else:
-                shifted = probe
+            shifted, ramp = self._shifted_probe(i)
             # modulus constraint on valid pixels: dpsi = IFFT(F a / |F|) - psi
             exit_wave = shifted * patch
             far = torch.fft.fft2(exit_wave, norm="ortho")

@@ -32,7 +32,6 @@ from ptyinr import store
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines.base import Engine, with_pixel_fields
 from ptyinr.errors import ConfigError
-from ptyinr.losses import get_loss
 from ptyinr.models.ptychonn import (
     check_compatible,
     input_scale,
@@ -41,10 +40,8 @@ from ptyinr.models.ptychonn import (
     read_record,
     wavelength_to_energy_ev,
 )
-from ptyinr.physics import ScanGeometry, forward_intensity
+from ptyinr.physics import forward_intensity
 from ptyinr.ptychonn_data import probe_weights, stitch_accumulate, stitch_finish
-from ptyinr.runtime import Runtime
-from ptyinr.scandata import ScanData
 
 #: positions per batch of inference and of the data loss
 BLOCK = 256
@@ -97,16 +94,14 @@ class PtychoNNEngine(Engine):
             what=f"the scan {str(path)!r}",
         )
 
-    def __init__(
-        self,
-        data: ScanData,
-        config: ReconstructionConfig,
-        geometry: ScanGeometry,
-        runtime: Runtime,
-        *,
-        known_probe: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(data, config, geometry, runtime, known_probe=known_probe)
+    def setup(self) -> None:
+        """Everything this method builds before its first epoch."""
+        data, config, geometry, known_probe = (
+            self.data,
+            self.config,
+            self.geometry,
+            self.known_probe,
+        )
         path = str(config.model.ptychonn_model)
         self.model_path = path
         self.artifact = load_artifact(path, self.device)
@@ -119,7 +114,6 @@ class PtychoNNEngine(Engine):
             energy_ev=None if wavelength is None else wavelength_to_energy_ev(wavelength),
         )
         self.network = self.artifact.network
-        self.loss_fn = get_loss(config.train.loss)
         self.measured = self.measurements()
         self.input_scale = input_scale(self.measured.mean_pattern)
         self._sqrt_scale = math.sqrt(float(self.measured.scale))

@@ -39,15 +39,12 @@ import numpy as np
 import torch
 
 from ptyinr.batching import epoch_batches
-from ptyinr.config import ReconstructionConfig, TrainConfig
+from ptyinr.config import TrainConfig
 from ptyinr.engines.base import Engine
 from ptyinr.errors import InputError
-from ptyinr.losses import get_loss
 from ptyinr.models.fields import ObjectField, ProbeField, build_object_field, build_probe_field
-from ptyinr.physics import ScanGeometry, far_field_intensity, fourier_shift
-from ptyinr.runtime import Runtime
+from ptyinr.physics import far_field_intensity, fourier_shift
 from ptyinr.runtime.tiles import NO_GRAD_CHUNK, sample_object, spread_subset, thin
-from ptyinr.scandata import ScanData
 
 SCALE_LR = 1e-3  # learning rate of the probe's global log-scale (one scalar)
 
@@ -71,20 +68,17 @@ class PtyINREngine(Engine):
     name = "ptyinr"
     data_parallel = True
 
-    def __init__(
-        self,
-        data: ScanData,
-        config: ReconstructionConfig,
-        geometry: ScanGeometry,
-        runtime: Runtime,
-        *,
-        known_probe: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(data, config, geometry, runtime, known_probe=known_probe)
+    def setup(self) -> None:
+        """Everything this method builds before its first epoch."""
+        config, geometry, runtime, known_probe = (
+            self.config,
+            self.geometry,
+            self.runtime,
+            self.known_probe,
+        )
         train = config.train
         torch.manual_seed(train.seed)
         self.parallel = runtime.parallel
-        self.loss_fn = get_loss(train.loss)
         self.measured = self.measurements()
         self.top_left = torch.as_tensor(geometry.top_left, device=self.device)
         self.subpixel = torch.as_tensor(geometry.subpixel, dtype=torch.float32, device=self.device)
