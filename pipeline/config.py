@@ -106,10 +106,13 @@ class TrainConfig(_Section):
     )
     lr_warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps warming up")
     lr_final: float = Field(0.1, gt=0, le=1, description="last step's share of the rates")
-    loss: Literal["smooth_l1"] = Field(
+    loss: Literal["auto", "smooth_l1", "poisson", "gaussian"] = Field(
         "smooth_l1",
         description="data term (ptyinr.losses): smooth_l1 = the paper's SmoothL1 of sqrt "
-        "intensities with threshold loss_beta",
+        "intensities with threshold loss_beta; poisson = Poisson NLL of the intensities "
+        "(photon counts); gaussian = least squares on amplitudes; auto = poisson for "
+        "quantised counts with dark pixels at zero, else smooth_l1 (the choice and why: "
+        "the run's data_term)",
     )
     loss_beta: float = Field(1e-2, gt=0, description="SmoothL1 threshold on sqrt intensities")
     probe_reg_lambda: float = Field(1e-2, ge=0, description="weight of mean probe amplitude")
@@ -129,6 +132,12 @@ class TrainConfig(_Section):
     )
     keep_best: bool = Field(
         True, description="return the state with the lowest held-out loss, not the last one"
+    )
+    refit: bool = Field(
+        False,
+        description="after validation chose epoch E (its lowest held-out loss), fit again "
+        "from the start on all positions (held-out ones included) for E epochs and return "
+        "that (recorded in the run's `refit`); needs validation_fraction > 0",
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -160,6 +169,13 @@ class TrainConfig(_Section):
         3.0, gt=0, description="largest offset per axis from the measured position, px"
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = none")
+    snapshot_every: int = Field(
+        0,
+        ge=0,
+        description="epochs between snapshots of object and probe written into the run group "
+        "while it runs (reconstructions/<run_id>/snapshot_<part>, for `ptyinr show`; removed "
+        "when the run is complete); 0 = none. Not part of a run's identity",
+    )
     log_every: int = Field(1, ge=1, description="epochs between loss records")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
 

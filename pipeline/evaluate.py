@@ -19,6 +19,8 @@ float64/complex128: this is scoring, not the hot path.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,13 +30,16 @@ from scipy import ndimage
 from scipy.signal.windows import tukey
 from skimage.registration import phase_cross_correlation
 
+from ptyinr import store
 from ptyinr.errors import InputError
 
 __all__ = [
+    "RunEvaluation",
     "align_global_phase",
     "align_object",
     "compare_object",
     "compare_probe",
+    "evaluate_run",
     "fit_phase_ramp",
     "frc",
     "global_phase_offset",
@@ -615,6 +620,73 @@ def compare_probe(
         "probe_phase_psnr_db": _phase_psnr(aligned, ref, m),
         "probe_relative_error": relative_error(aligned, ref, m),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# a run of a scan store against the store's ground truth
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunEvaluation:
+    """A run scored against its store's ground truth, and what the comparison figure shows:
+    the run's object (`estimate`), the truth, the scored region (`mask`, on the estimate's
+    grid) and whether the linear phase ramp was removed (unknown-probe runs)."""
+
+    store: Path
+    run_id: str
+    scores: dict[str, float]
+    estimate: xr.DataArray
+    truth: xr.DataArray
+    mask: np.ndarray
+    remove_ramp: bool
+
+
+def evaluate_run(store_path: str | Path, run_id: str) -> RunEvaluation:
+    """Score run `run_id` of a simulated scan store against its `true_object` (and
+    `true_probe`) on the scanned interior, as `ptyinr evaluate` reports it.
+
+    InputError naming the store when the run does not exist or the store has no ground
+    truth (measured data: use the FRC of `ptyinr run`).
+    """
+    store_path = Path(store_path)
+    ds = store.open_scan_store(store_path)
+    runs = {r["run_id"] for r in store.list_runs(store_path)}
+    if run_id not in runs:
+        raise InputError(
+            f"{store_path}: no run {run_id!r} (runs: {', '.join(sorted(runs)) or 'none'})"
+        )
+    if "true_object" not in ds:
+        raise InputError(
+            f"{store_path}: no ground truth (true_object); evaluate needs a simulated store. "
+            "For measured data use the FRC of `ptyinr run`."
+        )
+    result = store.open_run(store_path, run_id)
+    obj = result["object"].load()
+    origin = np.asarray(result.attrs.get("origin_px", [0, 0]), dtype=np.float64)
+    frame = (int(result.sizes["probe_y"]), int(result.sizes["probe_x"]))
+    centres = store.positions_px(ds, frame) - origin
+    if "positions_used" in result.attrs:
+        centres = centres[np.asarray(result.attrs["positions_used"], dtype=int)]
+    interior = scanned_interior(obj.shape, centres)
+    remove_ramp = not bool(result.attrs.get("known_probe"))
+    truth = ds["true_object"].load()
+    scores: dict[str, float] = dict(
+        compare_object(obj, truth, mask=interior, remove_ramp=remove_ramp)
+    )
+    if "true_probe" in ds:
+        scores.update(
+            compare_probe(result["probe"].values, ds["true_probe"].values, remove_ramp=remove_ramp)
+        )
+    return RunEvaluation(
+        store=store_path,
+        run_id=run_id,
+        scores=scores,
+        estimate=obj,
+        truth=truth,
+        mask=interior,
+        remove_ramp=remove_ramp,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+from skimage.restoration import unwrap_phase
 
 from ptyinr import evaluate as ev
 from ptyinr.errors import InputError
@@ -31,6 +33,8 @@ __all__ = [
     "save_loss_figure",
     "save_object_figures",
     "save_probe_figure",
+    "save_run_evaluation",
+    "unwrapped_phase",
 ]
 
 DPI = 150
@@ -42,17 +46,22 @@ _MASKED_PROBE_FRACTION = 0.02  # probe phase hidden where |P| < 2 % of its maxim
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def _new_figure(width: float, height: float, layout: str = "constrained") -> Figure:
+    """A figure on the Agg canvas. Images take layout="compressed": constrained layout made
+    for fixed-aspect axes, which leaves room for the colour bar and axis labels of an image
+    (plain constrained layout let them run off the figure's edge)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig: Figure, outdir: str | Path, name: str) -> Path:
+    """Save with bbox_inches="tight": the saved area is the drawn content plus a margin,
+    so no label is ever cut at the edge whatever the layout left."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.08)
     return path
 
 
@@ -187,6 +196,27 @@ def _image_panel(fig, ax, grid: _Grid, image, cmap, vmin, vmax, title, cbar_labe
     return im
 
 
+def unwrapped_phase(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """The phase of a complex image, unwrapped (scikit-image `unwrap_phase`: reliability-
+    sorted path following, Herráez et al. 2002), with its amplitude-weighted mean removed.
+
+    A phase that spans more than 2 pi (a thick or strongly refracting sample, a phase ramp)
+    wraps into bands on the [-pi, pi] display; unwrapped it reads as the sample's projected
+    thickness. `mask` (True: ignore) leaves out pixels whose phase is noise; they come back
+    as NaN.
+    """
+    values = np.asarray(values)
+    wrapped = np.angle(values).astype(np.float64)
+    if mask is not None:
+        wrapped = np.ma.masked_array(wrapped, mask=np.asarray(mask, dtype=bool))
+    phase = unwrap_phase(wrapped)
+    filled = np.ma.filled(np.ma.masked_invalid(phase).astype(np.float64), np.nan)
+    weights = np.where(np.isfinite(filled), np.abs(values), 0.0)
+    if weights.sum() > 0:
+        filled = filled - np.nansum(weights * np.nan_to_num(filled)) / weights.sum()
+    return filled
+
+
 def save_object_figures(
     object: xr.DataArray | np.ndarray,  # the name in the brief (shadows the builtin here only)
     outdir: str | Path,
@@ -194,14 +224,19 @@ def save_object_figures(
     *,
     title: str = "",
     pixel_size_m: float | None = None,
+    unwrap: bool = False,
 ) -> list[Path]:
-    """Write `{prefix}amplitude.png` (gray) and `{prefix}phase.png`; return their paths.
+    """Write `{prefix}amplitude.png` (gray) and `{prefix}phase.png`, and with `unwrap`
+    `{prefix}phase_unwrapped.png`; return their paths.
 
     Axes in nm / µm / mm from the (y, x) coordinates in metres (px without geometry), with a
     scale bar. Amplitude limits are the 0.5-99.5 % percentiles (a few hot pixels at the
     edge of a reconstruction would otherwise wash it out). The phase is shown with its
     amplitude-weighted circular mean removed (the global phase is arbitrary), on a
     sequential map when it does not wrap and on a cyclic map over [-pi, pi] when it does.
+    The unwrapped phase (`unwrapped_phase`) is an extra figure, asked for: unwrapping
+    invents a continuous surface where the phase is noise (outside the scanned area), so it
+    is a reading aid for phases that wrap, not the default.
     """
     values = _complex_values(object, "object")
     grid = _Grid(object, pixel_size_m)
@@ -210,7 +245,7 @@ def save_object_figures(
     paths = []
 
     amp = np.abs(values)
-    fig = _new_figure(*_size_for(grid.shape))
+    fig = _new_figure(*_size_for(grid.shape), layout="compressed")
     ax = fig.add_subplot()
     vmin, vmax = _robust_limits(amp)
     _image_panel(fig, ax, grid, amp, "gray", vmin, vmax, f"{lead}Object amplitude\n{sub}", "|O|")
@@ -218,7 +253,7 @@ def save_object_figures(
 
     phase = _centred_phase(values)
     cmap, vmin, vmax = _phase_display(phase)
-    fig = _new_figure(*_size_for(grid.shape))
+    fig = _new_figure(*_size_for(grid.shape), layout="compressed")
     ax = fig.add_subplot()
     _image_panel(
         fig,
@@ -232,6 +267,24 @@ def save_object_figures(
         "phase (rad)",
     )
     paths.append(_save(fig, outdir, f"{prefix}phase.png"))
+
+    if unwrap:
+        unwrapped = unwrapped_phase(values)
+        vmin, vmax = _robust_limits(unwrapped, 1.0, 99.0)
+        fig = _new_figure(*_size_for(grid.shape), layout="compressed")
+        ax = fig.add_subplot()
+        _image_panel(
+            fig,
+            ax,
+            grid,
+            unwrapped,
+            "inferno",
+            vmin,
+            vmax,
+            f"{lead}Object phase, unwrapped (mean removed)\n{sub}",
+            "phase (rad)",
+        )
+        paths.append(_save(fig, outdir, f"{prefix}phase_unwrapped.png"))
     return paths
 
 
@@ -254,7 +307,7 @@ def save_probe_figure(
     phase = _centred_phase(values)
     masked = np.ma.masked_where(amp < _MASKED_PROBE_FRACTION * peak, phase)
     width, height = _size_for(grid.shape, panels=2, base=3.8)
-    fig = _new_figure(width, height + 0.2)
+    fig = _new_figure(width, height + 0.2, layout="compressed")
     ax_a, ax_p = fig.subplots(1, 2)
     _image_panel(fig, ax_a, grid, amp, "gray", 0.0, peak or 1.0, "Probe amplitude", "|P|")
     twilight = mpl.colormaps["twilight"].with_extremes(bad="0.55")
@@ -320,6 +373,8 @@ def save_loss_figure(
         if best:
             chosen = "returned" if validation.get("returned") == "best" else "best"
             ax.axvline(best, color="C1", ls="--", lw=0.8, label=f"{chosen} state: epoch {best}")
+    if np.all(np.isfinite(x)) and np.array_equal(x, np.round(x)):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: whole numbers only
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.grid(True, which="major", alpha=0.3)
@@ -442,7 +497,7 @@ def save_comparison_figure(
     dp_lim = float(np.percentile(np.abs(dp[m]), 99.5)) or 1e-12
 
     width, height = _size_for(grid.shape, panels=3, base=3.3)
-    fig = _new_figure(width, 2 * height - 0.6)
+    fig = _new_figure(width, 2 * height - 0.6, layout="compressed")
     axes = fig.subplots(2, 3)
     panels = [
         (np.abs(ref), "gray", amp_lim, "truth amplitude", "|O|"),
@@ -478,3 +533,29 @@ def save_comparison_figure(
         + (", scored region dashed" if partial else "")
     )
     return [_save(fig, outdir, f"{prefix}comparison.png")]
+
+
+def save_run_evaluation(
+    store_path: str | Path,
+    run_id: str,
+    outdir: str | Path,
+    prefix: str = "",
+    *,
+    title: str | None = None,
+) -> tuple[ev.RunEvaluation, list[Path]]:
+    """What `ptyinr evaluate` does: score run `run_id` against the store's ground truth
+    (`evaluate.evaluate_run`) and write `{prefix}comparison.png` (truth, aligned estimate,
+    differences, the scored region outlined) into `outdir`; return both."""
+    evaluation = ev.evaluate_run(store_path, run_id)
+    if title is None:
+        title = f"{Path(store_path).name.removesuffix('.zarr')} run {run_id}"
+    paths = save_comparison_figure(
+        evaluation.estimate,
+        evaluation.truth,
+        outdir,
+        prefix,
+        mask=evaluation.mask,
+        remove_ramp=evaluation.remove_ramp,
+        title=title,
+    )
+    return evaluation, paths

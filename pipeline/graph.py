@@ -54,6 +54,13 @@ and deleted with them when the part is rewritten) for the same configuration, gr
 positions (`_part_fingerprint`) is reused, the others run again (resuming from their
 checkpoints with `train.checkpoint_every`), and the write marks the run complete.
 
+Live progress: each reconstruction task publishes its epoch, loss and ETA (and its probe warm
+start) as Dask events (ptyinr.events, `Worker.log_event`); the driver subscribes to them
+(`collect`) and shows them per store and part: a live view on a terminal, plain timestamped
+lines at a steady pace where stderr is not one (a SLURM driver log). With
+`train.snapshot_every` the tasks also write snapshots of their part into the run group,
+removed by the write task once the run is complete.
+
 FRC choice: the complex half objects, cropped to the scanned interior (the bounding box of the
 probe centres: outside it the halves are unconstrained), compared with `evaluate.frc` (ramp and
 phase offset removed, sub-pixel registration, Tukey apodisation, half-bit threshold). The
@@ -71,6 +78,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 import uuid
@@ -82,7 +90,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ptyinr import evaluate, figures, runlock, store
+from ptyinr import evaluate, events, figures, runlock, store
 from ptyinr.cluster import current_slurm_job_id, task_resources
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines.base import checkpoint_epoch
@@ -92,6 +100,7 @@ from ptyinr.reconstruct import (
     checkpoint_path,
     reconstruct_store,
     remove_checkpoints,
+    remove_snapshots,
     resolve_config,
     run_attrs,
 )
@@ -137,6 +146,8 @@ _STAGE_KEYS = {
 FRC_IMAGE = "complex object, scanned interior (bounding box of the probe centres)"
 OK_STATUSES = ("complete", "skipped")
 LOCK_REFRESH_S = 60.0  # the driver's heartbeat on its runs' locks
+PROGRESS_EVERY_S = 30.0  # a part's progress lines in a log (stderr not a terminal)
+PROGRESS_ENV = "PTYINR_PROGRESS_EVERY_S"
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +173,7 @@ class RunSpec:
     label: tuple[tuple[str, Any], ...] = ()
     preprocess: Any | None = None
     lock_note: dict[str, Any] | None = None  # set by the driver: a stale lock it took over
+    session: str = ""  # set by the driver: the token its progress events carry (ptyinr.events)
 
     @property
     def figures(self) -> Path:
@@ -255,12 +267,20 @@ def config_run_id(
     options), so a re-run of a scan finds the runs it already completed.
     """
     payload = {
-        "config": config.model_dump(),
+        "config": _identity(config),
         "frc": bool(frc),
         "preprocess": store.json_safe(dataclasses.asdict(preprocess)) if preprocess else None,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"cfg-{digest[:12]}"
+
+
+def _identity(config: ReconstructionConfig) -> dict[str, Any]:
+    """The configuration as it decides a result: settings that only watch a run
+    (train.snapshot_every) are left out, so turning them on keeps the run id and reuse."""
+    dumped = config.model_dump()
+    dumped.get("train", {}).pop("snapshot_every", None)
+    return dumped
 
 
 def _float(value: Any) -> float:
@@ -449,7 +469,7 @@ def _part_fingerprint(
 ) -> str:
     """What a part's result depends on: its configuration, the grid, the positions used."""
     payload = {
-        "config": config.model_dump(),
+        "config": _identity(config),
         "frame_shape": list(geometry.window_shape),
         "object_shape": list(geometry.object_shape),
         "origin_px": list(geometry.origin_px),
@@ -493,9 +513,21 @@ def reused_part(result: PartResult) -> PartResult:
 
 @_stage("part")
 def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult:
-    """One reconstruction on the shared grid, written to its own part of the run group."""
+    """One reconstruction on the shared grid, written to its own part of the run group.
+
+    Its progress (epochs, loss, ETA, the probe warm start) goes to the driver as
+    ptyinr.events events through the scheduler."""
     started = time.perf_counter()
     cfg = prepared.part_configs[part]
+    reporter = events.Reporter(
+        store=str(spec.store),
+        run=spec.run_id,
+        part=part,
+        epochs=cfg.train.epochs,
+        session=spec.session,
+        warm_start_steps=cfg.model.probe_init_steps,
+    )
+    reporter.start()
     indices = None
     if part != "full":
         if prepared.halves is None:
@@ -529,6 +561,7 @@ def reconstruct_task(spec: RunSpec, prepared: Prepared, part: str) -> PartResult
         progress=False,
         mark_complete=False,
         loaded=loaded,
+        reporter=reporter,
     )
     info = result.info
     attrs = run_attrs(cfg, loaded, part=part, **info) if part == "full" else {}
@@ -710,7 +743,7 @@ def _write_results(
     timings["total_seconds"] = total
     final = {
         "timings": timings,
-        "figures_dir": str(outdir),
+        "figures_dir": outdir,  # a Path: stored relative to the store
         "figures": written,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -718,6 +751,7 @@ def _write_results(
         final["figures_error"] = figure_error
     store.mark_run(spec.store, spec.run_id, "complete", **final)  # LAST
     remove_checkpoints(spec.store, spec.run_id)
+    remove_snapshots(spec.store, spec.run_id)
     return RunOutcome(
         store=spec.store,
         run_id=spec.run_id,
@@ -758,6 +792,13 @@ def record_failure(spec: RunSpec, stage: str, reason: str) -> bool:
         return False
 
 
+def _stored_path(store_path: Path, value: Any) -> str | None:
+    """A path read from a run's attrs: those are stored relative to the store."""
+    if not isinstance(value, str) or not value:
+        return None
+    return os.path.normpath(Path(store_path) / value)
+
+
 def outcome_from_attrs(path: Path, attrs: dict[str, Any], status: str | None = None) -> RunOutcome:
     """A `RunOutcome` from a run's stored attrs (runs completed earlier, `ptyinr results`)."""
     timings = attrs.get("timings") or {}
@@ -774,7 +815,7 @@ def outcome_from_attrs(path: Path, attrs: dict[str, Any], status: str | None = N
         pixel_size=_float(attrs.get("pixel_size")),
         final_loss=_float(attrs.get("final_loss")),
         wall_seconds=_float(timings.get("total_seconds") if isinstance(timings, dict) else None),
-        figures_dir=attrs.get("figures_dir"),
+        figures_dir=_stored_path(path, attrs.get("figures_dir")),
         label=tuple(label.items()) if isinstance(label, dict) else (),
     )
 
@@ -949,8 +990,11 @@ def _submit_each(
     lock_timeout_s: float | None,
 ) -> None:
     preprocessed: dict[tuple[Path, str], Any] = {}
+    session = uuid.uuid4().hex[:12]  # this driver's runs: whose progress events are whose
     for spec in specs:
-        spec = dataclasses.replace(spec, store=Path(spec.store).expanduser().resolve())
+        spec = dataclasses.replace(
+            spec, store=Path(spec.store).expanduser().resolve(), session=session
+        )
         if spec.figures_dir is not None:
             spec = dataclasses.replace(spec, figures_dir=Path(spec.figures_dir).resolve())
         handle = RunHandle(spec, client=client, retries=retries, resources=resources)
@@ -1018,20 +1062,53 @@ def _all_futures(handles: Sequence[RunHandle]) -> list[Any]:
     return list({f.key: f for h in handles for f in h.futures.values()}.values())
 
 
+def progress_every(seconds: float | None = None) -> float:
+    """Seconds between a part's progress lines where stderr is not a terminal: `seconds`,
+    else $PTYINR_PROGRESS_EVERY_S, else PROGRESS_EVERY_S."""
+    if seconds is None:
+        text = os.environ.get(PROGRESS_ENV)
+        if text is None or not text.strip():
+            return PROGRESS_EVERY_S
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            raise InputError(
+                f"environment variable {PROGRESS_ENV}={text!r}: expected seconds >= 0 between "
+                "progress lines"
+            )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InputError(f"progress every {seconds!r} s: expected seconds >= 0")
+    return float(seconds)
+
+
 def collect(
     client: Any,
     handles: Sequence[RunHandle],
     *,
     console: Any | None = None,
     poll_seconds: float = 0.2,
+    progress_every_s: float | None = None,
 ) -> list[RunOutcome]:
-    """Drive every run to its end, showing one live display when `console` (a rich Console)
-    is given. Returns the outcomes in the order of `handles`. On KeyboardInterrupt the
-    remaining tasks are cancelled (their runs stay visibly "running" in the stores). The runs'
-    locks are refreshed while they run and released when each ends, or when this returns or
-    raises."""
+    """Drive every run to its end, showing its progress when `console` (a rich Console, on
+    stderr) is given: on a terminal one live view, with epoch, loss and ETA per running part;
+    elsewhere (a SLURM log, a file) plain timestamped lines, a part's at most every
+    `progress_every` seconds. Progress comes from the workers as ptyinr.events events.
+    Returns the outcomes in the order of `handles`. On KeyboardInterrupt the remaining tasks
+    are cancelled (their runs stay visibly "running" in the stores). The runs' locks are
+    refreshed while they run and released when each ends, or when this returns or raises."""
     total = sum(h.expected_tasks for h in handles)
-    display = _Display(console, handles, total) if console is not None else None
+    display: _Display | _LineDisplay | None = None
+    unsubscribe: Callable[[], None] = lambda: None  # noqa: E731
+    if console is not None:
+        every = progress_every(progress_every_s)
+        board = events.Board({(str(h.spec.store), h.spec.run_id, h.spec.session) for h in handles})
+        unsubscribe = events.subscribe(client, board.handle)
+        if console.is_terminal:
+            display = _Display(console, handles, total, board)
+        else:
+            display = _LineDisplay(console, handles, board, every)
     refreshed = time.monotonic()
     try:
         with display if display is not None else contextlib.nullcontext():
@@ -1057,6 +1134,7 @@ def collect(
         client.cancel(_all_futures(handles))
         raise
     finally:
+        unsubscribe()
         for h in handles:
             h.release()
     return [h.outcome for h in handles if h.outcome is not None]
@@ -1069,10 +1147,13 @@ def run_graph(
     retries: int = DEFAULT_RETRIES,
     console: Any | None = None,
     lock_timeout_s: float | None = None,
+    progress_every_s: float | None = None,
 ) -> list[RunOutcome]:
     """Submit every run and wait for them: `collect(client, submit_runs(client, specs))`."""
+    if console is not None:
+        progress_every_s = progress_every(progress_every_s)  # a bad value stops before submit
     handles = submit_runs(client, specs, retries=retries, lock_timeout_s=lock_timeout_s)
-    return collect(client, handles, console=console)
+    return collect(client, handles, console=console, progress_every_s=progress_every_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1083,12 +1164,67 @@ def run_graph(
 _PART_NAMES = {"full": "full", "half_a": "half A", "half_b": "half B"}
 
 
+def _timestamp() -> str:
+    """UTC, to the second: lines of runs on different machines sort together."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _run_name(h: RunHandle) -> str:
+    label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in h.spec.label)
+    return f"{h.spec.store.name} {h.spec.run_id} {label}".strip()
+
+
+def _finished_text(h: RunHandle) -> str | None:
+    """'complete NAME: resolution ..., final loss ..., N s' / 'failed NAME at STAGE: why'
+    (rich markup), None for a skipped run."""
+    from rich.markup import escape
+
+    o = h.outcome
+    if o is None or o.status == "skipped":
+        return None
+    name = escape(f"{h.spec.store.name} {h.spec.run_id}")
+    if o.status == "failed":
+        return f"[red]failed[/] {name} at {o.stage}: {escape(o.reason or '')}"
+    return (
+        f"[green]complete[/] {name}: resolution {escape(format_resolution(o))}, "
+        f"final loss {o.final_loss:.3g}, {o.wall_seconds:.1f} s"
+    )
+
+
+def _opening_notes(console: Any, handles: Sequence[RunHandle], prefix: str = "") -> None:
+    """Skipped runs and stale locks taken over, said once at the start."""
+    from rich.markup import escape
+
+    skipped = sum(h.skipped is not None for h in handles)
+    if skipped:
+        console.print(
+            f"{prefix}{skipped} run(s) already complete: skipped (--force reruns them)",
+            highlight=False,
+        )
+    for h in handles:
+        note = h.spec.lock_note
+        if note:
+            text = f"{runlock.describe_holder(note.get('holder') or {})}: {note.get('reason')}"
+            console.print(
+                f"{prefix}[yellow]{escape(h.spec.store.name)} {escape(h.spec.run_id)}: took "
+                f"over a stale lock[/] of {escape(text)}",
+                highlight=False,
+            )
+
+
 class _Display:
-    """One rich live view: tasks done / total, and the state of each run."""
+    """One rich live view (stderr is a terminal): tasks done / total, the state of each run,
+    and for each running reconstruction its epoch, loss and ETA (from the workers' events)."""
 
     MAX_ROWS = 16
 
-    def __init__(self, console: Any, handles: Sequence[RunHandle], n_tasks: int) -> None:
+    def __init__(
+        self,
+        console: Any,
+        handles: Sequence[RunHandle],
+        n_tasks: int,
+        board: events.Board | None = None,
+    ) -> None:
         from rich.live import Live
         from rich.progress import (
             BarColumn,
@@ -1100,6 +1236,7 @@ class _Display:
 
         self.console = console
         self.handles = handles
+        self.board = board or events.Board(set())
         self.progress = Progress(
             TextColumn("[bold]tasks"),
             BarColumn(),
@@ -1108,24 +1245,12 @@ class _Display:
             TimeElapsedColumn(),
             console=console,
         )
-        skipped = sum(h.skipped is not None for h in handles)
         self.task = self.progress.add_task("tasks", total=max(n_tasks, 1), runs="")
         self.live = Live(self._render({}), console=console, refresh_per_second=4, transient=False)
-        if skipped:
-            console.print(f"{skipped} run(s) already complete: skipped (--force reruns them)")
+        _opening_notes(console, handles)
         for h in handles:
             if h.outcome is not None and h.skipped is None:
                 self.finished(h)  # refused at once: locked by another driver
-            note = h.spec.lock_note
-            if note:
-                from rich.markup import escape
-
-                text = f"{runlock.describe_holder(note.get('holder') or {})}: {note.get('reason')}"
-                console.print(
-                    f"[yellow]{escape(h.spec.store.name)} {escape(h.spec.run_id)}: took over a "
-                    f"stale lock[/] of {escape(text)}",
-                    highlight=False,
-                )
 
     def __enter__(self) -> _Display:
         self.live.__enter__()
@@ -1136,25 +1261,35 @@ class _Display:
         if not self.console.is_terminal:
             self.console.line()  # the last render of a non-terminal Live ends mid-line
 
-    def _state(self, h: RunHandle, running: set[str]) -> str:
+    def _state(self, h: RunHandle, running: set[str]) -> tuple[str, list[str]]:
+        """The run's state, and the parts it is reconstructing now."""
         if h.outcome is not None:
             o = h.outcome
             if o.status == "failed":
-                return f"[red]failed[/] at {o.stage}"
-            return "[green]complete[/]" if o.status == "complete" else "[dim]skipped (complete)"
+                return f"[red]failed[/] at {o.stage}", []
+            done = "[green]complete[/]" if o.status == "complete" else "[dim]skipped (complete)"
+            return done, []
         active = [s for s, f in h.futures.items() if f.key in running]
-        parts = [_PART_NAMES[s] for s in active if s in PARTS]
+        parts = [s for s in active if s in PARTS]
         if parts:
-            return "reconstructing " + ", ".join(parts)
+            return "reconstructing", parts
         if active:
             return {"preprocess": "preprocessing", "prepare": "preparing", "frc": "FRC"}.get(
                 active[0], "writing results"
-            )
+            ), []
         done = sum(f.done() for f in h.futures.values())
-        return "waiting" if done else "queued"
+        return ("waiting" if done else "queued"), []
 
-    def _render(self, states: dict[int, str]) -> Any:
+    def _part_text(self, h: RunHandle, part: str) -> str:
+        from rich.markup import escape
+
+        p = self.board.part(str(h.spec.store), h.spec.run_id, part)
+        text = "waiting for a worker thread" if p is None else p.text()
+        return f"{_PART_NAMES[part]}: {escape(text)}"
+
+    def _render(self, states: dict[int, tuple[str, list[str]]]) -> Any:
         from rich.console import Group
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
@@ -1164,17 +1299,26 @@ class _Display:
         order = sorted(
             range(len(self.handles)),
             key=lambda i: (
-                0 if "reconstructing" in states.get(i, "") else 1,
-                0 if "failed" in states.get(i, "") else 1,
+                0 if states.get(i, ("", []))[1] else 1,
+                0 if "failed" in states.get(i, ("", []))[0] else 1,
                 i,
             ),
         )
-        for i in order[: self.MAX_ROWS]:
+        rows = shown = 0
+        for i in order:
+            if rows >= self.MAX_ROWS:
+                break
             h = self.handles[i]
-            label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in h.spec.label)
-            table.add_row(h.spec.store.name, f"{h.spec.run_id} {label}".strip(), states.get(i, ""))
-        if len(self.handles) > self.MAX_ROWS:
-            table.add_row("...", f"{len(self.handles) - self.MAX_ROWS} more runs", "")
+            state, parts = states.get(i, ("", []))
+            run = escape(_run_name(h).removeprefix(h.spec.store.name).strip())
+            lines = [self._part_text(h, part) for part in parts] or [state]
+            table.add_row(escape(h.spec.store.name), run, lines[0])
+            for line in lines[1:]:
+                table.add_row("", "", line)
+            rows += len(lines)
+            shown += 1
+        if len(self.handles) > shown:
+            table.add_row("...", f"{len(self.handles) - shown} more runs", "")
         return Group(self.progress, table)
 
     def refresh(self, client: Any, futures: Sequence[Any]) -> None:
@@ -1196,21 +1340,71 @@ class _Display:
         self.live.update(self._render(states))
 
     def finished(self, h: RunHandle) -> None:
+        text = _finished_text(h)
+        if text is not None:
+            self.console.print(text, highlight=False)
+
+
+class _LineDisplay:
+    """Plain timestamped lines, for a stderr that is not a terminal (a SLURM driver log,
+    `2> run.log`), where a live view would show nothing until the end: one line per part as
+    it enters each phase (loading, probe warm start, epochs: the first ETA, done), in between
+    at most one every `every_s` seconds (epoch, loss, ETA) and only when it moved on; one
+    line per run when it ends."""
+
+    def __init__(
+        self, console: Any, handles: Sequence[RunHandle], board: events.Board, every_s: float
+    ) -> None:
+        self.console = console
+        self.handles = handles
+        self.board = board
+        self.every_s = every_s
+        self._seen: dict[tuple[str, str, str], int] = {}
+        self._printed: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._names = {(str(h.spec.store), h.spec.run_id): h for h in handles}
+
+    def line(self, text: str, markup: bool = False) -> None:
+        """One timestamped line, never wrapped (a log is read with grep)."""
         from rich.markup import escape
 
-        o = h.outcome
-        if o is None or o.status == "skipped":
-            return
-        name = f"{h.spec.store.name} {h.spec.run_id}"
-        if o.status == "failed":
-            reason = escape(o.reason or "")
-            self.console.print(f"[red]failed[/] {name} at {o.stage}: {reason}", highlight=False)
-        else:
-            self.console.print(
-                f"[green]complete[/] {name}: resolution {format_resolution(o)}, "
-                f"final loss {o.final_loss:.3g}, {o.wall_seconds:.1f} s",
-                highlight=False,
-            )
+        body = text if markup else escape(text)
+        self.console.print(f"{_timestamp()}  {body}", highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> _LineDisplay:
+        running = [h for h in self.handles if h.outcome is None]
+        self.line(
+            f"{len(running)} run(s) submitted; progress of each part at most every "
+            f"{self.every_s:g} s"
+        )
+        _opening_notes(self.console, self.handles, prefix=f"{_timestamp()}  ")
+        for h in self.handles:
+            if h.outcome is not None and h.skipped is None:
+                self.finished(h)  # refused at once: locked by another driver
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def refresh(self, client: Any, futures: Sequence[Any]) -> None:
+        now = time.monotonic()
+        for key, p in sorted(self.board.parts().items()):
+            if self._seen.get(key) == p.version:
+                continue
+            phase = "epoch" if p.kind == "snapshot" else p.kind
+            at, last_phase = self._printed.get(key, (-math.inf, ""))
+            if phase == last_phase and now - at < self.every_s:
+                continue
+            self._seen[key] = p.version
+            self._printed[key] = (now, phase)
+            h = self._names.get(key[:2])
+            name = _run_name(h) if h is not None else f"{Path(key[0]).name} {key[1]}"
+            self.line(f"{name} {_PART_NAMES.get(p.part, p.part)}: {p.text()}")
+
+    def finished(self, h: RunHandle) -> None:
+        self.refresh(None, ())  # the parts' last lines first
+        text = _finished_text(h)
+        if text is not None:
+            self.line(text, markup=True)
 
 
 def format_resolution(o: RunOutcome) -> str:

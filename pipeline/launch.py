@@ -41,7 +41,7 @@ from ptyinr.engines import Engine, get_engine
 from ptyinr.errors import InputError, ReconstructionFailed
 from ptyinr.physics import ScanGeometry
 from ptyinr.runtime import ParallelContext, resolve_runtime, select_device
-from ptyinr.scandata import Reconstruction, ScanData, scan_geometry
+from ptyinr.scandata import Reconstruction, ScanData, labelled_result, scan_geometry
 
 DEFAULT_TIMEOUT_S = 600.0  # a rank waits this long for the others (rendezvous, collectives)
 
@@ -89,11 +89,21 @@ def fit(
     progress: bool = True,
     description: str = "reconstructing",
     on_epoch: Callable[[int, float], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+    snapshot_every: int = 0,
+    on_snapshot: Callable[[int, Reconstruction], None] | None = None,
     world_size: int = 1,
     client: Any = None,
 ) -> Reconstruction:
     """Reconstruct object and probe from a scan's data: in this process, or data-parallel on
-    `world_size` Dask workers of `client` (when given) or local processes."""
+    `world_size` Dask workers of `client` (when given) or local processes.
+
+    In this process, `on_start()` is called once the engine is built (its epochs start),
+    `on_epoch(epoch, loss)` after every epoch, and `on_snapshot(epoch, result)` every
+    `snapshot_every` epochs before the last with the current object and probe (a look at a
+    running fit; ptyinr.reconstruct writes it into the run group). The data-parallel paths
+    report through their own progress bar only.
+    """
     if world_size > 1 or client is not None:
         get_engine(config.model.method).check_ranks(world_size)
         return fit_parallel(
@@ -108,12 +118,51 @@ def fit(
             description=description,
         )
     engine = build_engine(data, config, known_probe=known_probe, geometry=geometry)
+    if on_start is not None:
+        on_start()
+    hook = on_epoch
+    if on_snapshot is not None and snapshot_every > 0:
+        hook = _with_snapshots(engine, on_epoch, snapshot_every, on_snapshot)
     return engine.fit(
         checkpoint_path=checkpoint_path,
         progress=progress,
         description=description,
-        on_epoch=on_epoch,
+        on_epoch=hook,
     )
+
+
+def engine_snapshot(engine: Engine) -> Reconstruction:
+    """The engine's current object, probe and loss curve, labelled like a result (the
+    bookkeeping of `Engine.result` is left out: it is not a result)."""
+    with torch.no_grad():
+        obj, probe = engine.current_object(), engine.current_probe()
+    history = [float(v) for v in engine.loss_history]
+    info = {
+        "method": engine.name,
+        "snapshot_epoch": int(engine.epoch),
+        "epochs": int(engine.config.train.epochs),
+        "snapshot_loss": history[-1] if history else float("nan"),
+    }
+    return labelled_result(obj, probe, history, engine.geometry, engine.data.pixel_size, info)
+
+
+def _with_snapshots(
+    engine: Engine,
+    on_epoch: Callable[[int, float], None] | None,
+    every: int,
+    on_snapshot: Callable[[int, Reconstruction], None],
+) -> Callable[[int, float], None]:
+    """An on_epoch hook that also hands `on_snapshot` a snapshot every `every` epochs (not
+    at the last: the result itself follows)."""
+    last = engine.config.train.epochs
+
+    def hook(epoch: int, loss: float) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, loss)
+        if epoch % every == 0 and epoch < last:
+            on_snapshot(epoch, engine_snapshot(engine))
+
+    return hook
 
 
 # --------------------------------------------------------------------------------- one rank
@@ -472,6 +521,7 @@ __all__ = [
     "build_engine",
     "choose_ranks",
     "engine_config",
+    "engine_snapshot",
     "fit",
     "fit_on_workers",
     "fit_parallel",

@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from ptyinr import store as scan_store
 from ptyinr.errors import InputError, StoreError
+from ptyinr.progress import WorkProgress
 
 PRE_DIMS = ("scan", "pre_y", "pre_x")
 PRE_MASK = "preprocessed_mask"
@@ -163,17 +164,19 @@ def _process_block(
 
 
 def preprocess(
-    ds: xr.Dataset, options: PreprocessOptions | None = None
+    ds: xr.Dataset, options: PreprocessOptions | None = None, *, progress: bool | None = False
 ) -> tuple[xr.DataArray, xr.DataArray]:
     """The lazy preprocessed frames (scan, pre_y, pre_x) float32 and their mask.
 
     Computes the frame statistics (one pass) when centring by centre of mass or detecting
     bad pixels; the frames themselves stay lazy, one task per chunk of the raw array.
+    `progress`: show that statistics pass on stderr (frames read).
     """
     opts = options or PreprocessOptions()
     raw = ds[scan_store.INTENSITIES]
     frames = raw.data if isinstance(raw.data, da.Array) else da.from_array(raw.data)
     n, ny, nx = (int(s) for s in frames.shape)
+    name = _store_name(ds)
     opts.validate((ny, nx))
     size = tuple(int(s) for s in (opts.frame_size or (ny, nx)))
 
@@ -185,7 +188,9 @@ def preprocess(
         counts["given"] = int(given.sum())
     stats = None
     if opts.detect_bad_pixels or opts.centre == "com":
-        stats = frame_statistics(frames)
+        shown = WorkProgress(f"preprocess {name}: statistics", n, "frames", enabled=progress)
+        with shown:
+            stats = frame_statistics(shown.counted(frames))
     if opts.detect_bad_pixels:
         found = detect_bad_pixels(stats, n, np.dtype(frames.dtype), opts.hot_factor)
         for name, m in found.items():
@@ -243,29 +248,41 @@ def preprocess(
     return data, mask
 
 
+def _store_name(ds: xr.Dataset) -> str:
+    """The store's file name for progress labels (its scan id when it has no path)."""
+    source = ds.encoding.get("source")
+    return Path(source).name if source else str(ds.attrs.get("scan_id", "store"))
+
+
 def write_preprocessed(
     path: str | os.PathLike,
     options: PreprocessOptions | None = None,
     *,
     overwrite: bool = False,
+    progress: bool | None = None,
 ) -> xr.Dataset:
     """Compute the preprocessed frames and add them to the store; return the reopened store.
 
     The arrays are written into a hidden scratch store and moved in when complete, so a crash
-    leaves no half-written `preprocessed` array. Raw arrays are not touched.
+    leaves no half-written `preprocessed` array. Raw arrays are not touched. `progress`:
+    frames read (statistics) and written, on stderr (a bar on a terminal, else lines;
+    None: unless running as a task on a Dask worker, e.g. in `ptyinr run`'s graph).
     """
     path = Path(path)
     ds = scan_store.open_scan_store(path)
     if scan_store.PREPROCESSED in ds and not overwrite:
         raise StoreError(f"{path}: array 'preprocessed' exists; expected --overwrite to replace it")
-    data, mask = preprocess(ds, options)
+    data, mask = preprocess(ds, options, progress=progress)
     raw = zarr.open_group(str(path), mode="r")[scan_store.INTENSITIES]
     fps = int((raw.shards or raw.chunks)[0])
     n = int(data.shape[0])
     fps = min(fps, n)
     data = data.chunk({"scan": fps})
+    shown = WorkProgress(f"preprocess {path.name}: writing", n, "frames", enabled=progress)
+    data = data.copy(data=shown.counted(data.data))
     out = xr.Dataset({scan_store.PREPROCESSED: data, PRE_MASK: mask})
     out[scan_store.PREPROCESSED].attrs = scan_store.json_safe(data.attrs)
+    out = scan_store.label_variables(out, None)
     encoding = {
         scan_store.PREPROCESSED: {
             "chunks": (1, *data.shape[1:]),
@@ -275,7 +292,8 @@ def write_preprocessed(
     }
     scratch = path.parent / f".{path.name}.pre-{uuid.uuid4().hex[:12]}"
     try:
-        out.to_zarr(scratch, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
+        with shown:
+            out.to_zarr(scratch, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
         for name in (PRE_MASK, scan_store.PREPROCESSED):
             target = path / name
             if target.exists():
@@ -283,6 +301,7 @@ def write_preprocessed(
                 os.rename(target, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             os.rename(scratch / name, target)
+        scan_store.consolidate(path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return scan_store.open_scan_store(path)

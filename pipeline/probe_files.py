@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import h5py
+import hdf5plugin  # noqa: F401  (compressed HDF5 probe files, as for detector frames)
 import numpy as np
 
 from ptyinr import store

@@ -9,6 +9,11 @@ it complete last.
 Checkpoints live in the store too (the Zarr group `checkpoints/<run_id>/<part>`: tensors
 and a JSON record, never pickles; ptyinr.engines.checkpoint) so a resubmitted run resumes
 where it stopped; they go once the run is complete.
+With `train.snapshot_every` = K, the object, probe and loss so far are written every K
+epochs into the run group as `snapshot_<part>` (replaced each time, status of the run still
+"running"), so a running reconstruction can be looked at (`open_latest`: the part's result
+once written, else its latest snapshot); they go once the run is complete. Progress events
+(ptyinr.events) go to `reporter` when one is given.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ptyinr import evaluate, store
+from ptyinr import evaluate, events, store
 from ptyinr.config import ReconstructionConfig
 from ptyinr.errors import InputError
 from ptyinr.launch import engine_config, fit
@@ -31,6 +37,7 @@ from ptyinr.physics import ScanGeometry
 from ptyinr.scandata import LoadedScan, Reconstruction, load_scan
 
 CHECKPOINTS = "checkpoints"
+SNAPSHOT_PREFIX = "snapshot_"
 
 
 def new_run_id() -> str:
@@ -120,13 +127,15 @@ def reconstruct_store(
     loaded: LoadedScan | None = None,
     world_size: int = 1,
     client: Any = None,
+    reporter: events.Reporter | None = None,
 ) -> tuple[str, Reconstruction]:
     """Reconstruct a store (or a subset of its positions) and write the run group.
 
     With `subgroup` (e.g. FRC halves) the result goes to `reconstructions/<run_id>/<subgroup>`
     and the caller marks the run complete when all its parts are written. `world_size` > 1
     trains data-parallel (ptyinr.launch): on that many Dask workers of `client` when given,
-    else in local processes (one GPU each when train.device is CUDA).
+    else in local processes (one GPU each when train.device is CUDA). `reporter` gets the
+    fit's progress (epochs, the probe warm start, snapshots) as ptyinr.events events.
     """
     started = time.perf_counter()
     loaded = loaded or load_scan(path, config, lazy=world_size > 1 or client is not None)
@@ -135,17 +144,43 @@ def reconstruct_store(
     data = loaded.data if indices is None else loaded.data.subset(np.asarray(indices))
     part = subgroup or "full"
     ckpt = checkpoint_path(loaded.path, run_id, part)
-    result = fit(
-        data,
-        config,
-        known_probe=known_probe,
-        geometry=geometry,
-        checkpoint_path=ckpt if config.train.checkpoint_every else None,
-        progress=progress,
-        description=f"{loaded.path.name} {part}",
-        world_size=world_size,
-        client=client,
-    )
+
+    snapshot_failed: list[str] = []
+
+    def snapshot(epoch: int, current: Reconstruction) -> None:
+        try:
+            write_snapshot(loaded.path, run_id, part, current, indices=indices)
+        except Exception as exc:  # a look at a running fit is not worth the fit
+            if not snapshot_failed:
+                print(
+                    f"warning: {loaded.path}: run {run_id!r} {part}: snapshot at epoch {epoch} "
+                    f"not written ({type(exc).__name__}: {exc}); the fit goes on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            snapshot_failed.append(str(exc))
+            return
+        if reporter is not None:
+            reporter.snapshot(epoch, snapshot_group(part))
+
+    with events.reporting(reporter):
+        result = fit(
+            data,
+            config,
+            known_probe=known_probe,
+            geometry=geometry,
+            checkpoint_path=ckpt if config.train.checkpoint_every else None,
+            progress=progress,
+            description=f"{loaded.path.name} {part}",
+            on_epoch=None if reporter is None else reporter.epoch,
+            on_start=None if reporter is None else reporter.fit_started,
+            snapshot_every=config.train.snapshot_every,
+            on_snapshot=snapshot,
+            world_size=world_size,
+            client=client,
+        )
+    if reporter is not None:
+        reporter.done(int(result.info.get("epochs", 0)), result.info.get("final_loss", np.nan))
     scores = quality(result, loaded.dataset) if subgroup is None else {}
     result.info["quality"] = scores
     result.info["wall_seconds"] = time.perf_counter() - started
@@ -156,7 +191,76 @@ def reconstruct_store(
     if mark_complete and subgroup is None:
         store.mark_run(loaded.path, run_id, "complete", **({"quality": scores} if scores else {}))
         remove_checkpoints(loaded.path, run_id)
+        remove_snapshots(loaded.path, run_id)
     return run_id, result
+
+
+def snapshot_group(part: str = "full") -> str:
+    """The run's subgroup holding a part's latest snapshot: snapshot_full, snapshot_half_a."""
+    return f"{SNAPSHOT_PREFIX}{part}"
+
+
+def write_snapshot(
+    store_path: Path,
+    run_id: str,
+    part: str,
+    current: Reconstruction,
+    *,
+    indices: np.ndarray | None = None,
+) -> None:
+    """Replace the part's snapshot (object, probe, loss so far) in the run group.
+
+    Attrs say what it is (`snapshot_epoch` of `epochs`, `snapshot_of` the part, the time),
+    so nobody takes it for the result; the run's status stays "running"."""
+    attrs = {
+        "snapshot_of": part,
+        "snapshot_written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    if indices is not None:
+        attrs["positions_used"] = np.asarray(indices).tolist()
+    store.write_run(
+        store_path, run_id, current.to_dataset(), attrs=attrs, subgroup=snapshot_group(part)
+    )
+
+
+def open_snapshot(store_path: str | Path, run_id: str, part: str = "full") -> xr.Dataset | None:
+    """A running run's latest snapshot of `part` (lazy), or None when it has none."""
+    group = Path(store_path) / store.RECONSTRUCTIONS / run_id / snapshot_group(part)
+    if not (group / "zarr.json").is_file():
+        return None
+    return store.open_run(store_path, run_id, snapshot_group(part))
+
+
+def open_latest(store_path: str | Path, run_id: str, part: str = "full") -> xr.Dataset:
+    """What there is to look at of a run's part (lazy): its result once written, else, while
+    it runs, its latest snapshot (attrs `snapshot_epoch` of `epochs`). InputError naming
+    the store, run and part when there is neither (`ptyinr show` of a run just started)."""
+    subgroup = None if part == "full" else part
+    group = Path(store_path) / store.RECONSTRUCTIONS / run_id
+    if subgroup is not None:
+        group = group / subgroup
+    if (group / "object" / "zarr.json").is_file():
+        return store.open_run(store_path, run_id, subgroup)
+    snapshot = open_snapshot(store_path, run_id, part)
+    if snapshot is not None:
+        return snapshot
+    raise InputError(
+        f"{store_path}: run {run_id!r} has no {part} result yet and no snapshot of it; "
+        "expected a finished part, or a running one with train.snapshot_every > 0 that has "
+        "reached its first snapshot"
+    )
+
+
+def remove_snapshots(store_path: Path, run_id: str) -> None:
+    """A complete run needs no snapshots: its result is there. (Zarr v3 keeps no list of a
+    group's children, so removing a child group's folder is all it takes.)"""
+    run = Path(store_path) / store.RECONSTRUCTIONS / run_id
+    if not run.is_dir():
+        return
+    for child in run.iterdir():
+        if child.name.startswith(SNAPSHOT_PREFIX) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+    store.consolidate(store_path)  # the consolidated copy must not list the removed groups
 
 
 def remove_checkpoints(store_path: Path, run_id: str) -> None:

@@ -112,26 +112,33 @@ def labelled_result(
     px = np.arange(nx, dtype=np.float64) - nx // 2
     unit = "px" if pixel_size is None else "m"
     sy, sx = (1.0, 1.0) if pixel_size is None else pixel_size
+
+    def label(name: str) -> dict[str, str]:  # long_name and units (store.VARIABLE_LABELS)
+        return store.variable_label(name, unit)
+
     object_da = xr.DataArray(
         np.asarray(obj, dtype=np.complex64),
         dims=("y", "x"),
-        coords={"y": ("y", ys * sy, {"units": unit}), "x": ("x", xs * sx, {"units": unit})},
+        coords={"y": ("y", ys * sy, label("y")), "x": ("x", xs * sx, label("x"))},
         name="object",
+        attrs=label("object"),
     )
     probe_da = xr.DataArray(
         np.asarray(probe, dtype=np.complex64),
         dims=("probe_y", "probe_x"),
         coords={
-            "probe_y": ("probe_y", py * sy, {"units": unit}),
-            "probe_x": ("probe_x", px * sx, {"units": unit}),
+            "probe_y": ("probe_y", py * sy, label("probe_y")),
+            "probe_x": ("probe_x", px * sx, label("probe_x")),
         },
         name="probe",
+        attrs=label("probe"),
     )
     loss_da = xr.DataArray(
         np.asarray(loss_history, dtype=np.float64),
         dims=("epoch",),
-        coords={"epoch": np.arange(1, len(loss_history) + 1)},
+        coords={"epoch": ("epoch", np.arange(1, len(loss_history) + 1), label("epoch"))},
         name="loss",
+        attrs=label("loss"),
     )
     info = {**info, "origin_px": list(geometry.origin_px), "positions_unit": unit}
     return Reconstruction(object_da, probe_da, loss_da, geometry, info)

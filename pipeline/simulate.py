@@ -235,20 +235,25 @@ def write_simulated_store(
     probe = np.asarray(sim["probe"])
     n = obj.shape[0]
     ny, nx = probe.shape
+    # The transmission is dimensionless and |probe|^2 is in counts (store.VARIABLE_LABELS);
+    # the coordinates are in metres.
     true_object = xr.DataArray(
         obj,
         dims=("true_object_y", "true_object_x"),
-        coords={"true_object_y": np.arange(n) * sy, "true_object_x": np.arange(n) * sx},
-        attrs={"units": "m", "description": "ground-truth complex transmission"},
+        coords={
+            "true_object_y": ("true_object_y", np.arange(n) * sy, {"units": "m"}),
+            "true_object_x": ("true_object_x", np.arange(n) * sx, {"units": "m"}),
+        },
+        attrs={**store.variable_label("true_object"), "description": "ground truth"},
     )
     true_probe = xr.DataArray(
         probe,
         dims=("probe_y", "probe_x"),
         coords={
-            "probe_y": (np.arange(ny) - ny // 2) * sy,
-            "probe_x": (np.arange(nx) - nx // 2) * sx,
+            "probe_y": ("probe_y", (np.arange(ny) - ny // 2) * sy, {"units": "m"}),
+            "probe_x": ("probe_x", (np.arange(nx) - nx // 2) * sx, {"units": "m"}),
         },
-        attrs={"units": "m", "description": "ground-truth probe"},
+        attrs={**store.variable_label("true_probe"), "description": "ground truth"},
     )
     attrs = {
         "wavelength_m": float(sim["wavelength_m"]),  # type: ignore[arg-type]

@@ -17,6 +17,14 @@ Layout (README, "Scan stores"):
 While a run is being written, its writer holds a lock file beside the store (not in it:
 `run_lock_path`, `acquire_run_lock`).
 
+Labelled, self-describing data: every variable and coordinate written here carries
+`long_name` and `units` (`VARIABLE_LABELS`, CF-style); the root's zarr.json holds the
+consolidated metadata of the hierarchy, rewritten after every write (`consolidate`), so plain
+`xarray.open_zarr(store)` and `xarray.open_zarr(store, group="reconstructions/<run_id>")`
+open in one read without a warning. The pipeline's own readers never trust that copy (it may
+lag a concurrent writer): they read each node's metadata. Attributes keep NaN as NaN, and
+paths in or beside the store are stored relative to the store (`relative_paths`).
+
 Why this module exists: every other stage reads and writes through it, so the schema is
 checked in one place (`open_scan_store`) and a store is either complete or invisible
 (`create_scan_store` writes to a hidden sibling and renames). Raw arrays are written once.
@@ -25,10 +33,14 @@ checked in one place (`open_scan_store`) and a store is either complete or invis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import fcntl
 import math
 import os
 import shutil
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -40,6 +52,9 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import ZARR_JSON
+from zarr.core.group import ConsolidatedMetadata
 
 from ptyinr.errors import StoreError
 from ptyinr.geometry import object_pixel_size_m
@@ -51,6 +66,7 @@ POSITIONS = "positions"
 MASK = "mask"
 PREPROCESSED = "preprocessed"
 RECONSTRUCTIONS = "reconstructions"
+CHECKPOINTS = "checkpoints"  # scratch of unfinished runs (ptyinr.reconstruct), not consolidated
 
 GEOMETRY_KEYS = ("wavelength_m", "detector_distance_m", "detector_pixel_size_m")
 REQUIRED_ATTRS = (*GEOMETRY_KEYS, "positions_unit", "scan_id")
@@ -74,10 +90,11 @@ _RAW_DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.
 
 
 def json_safe(value: Any) -> Any:
-    """A JSON-serialisable copy of `value` (numpy scalars/arrays, Paths, tuples, non-finite).
+    """A JSON-serialisable copy of `value` (numpy scalars/arrays, Paths, tuples, complex).
 
-    Zarr attributes are JSON; NaN and infinities are not valid JSON, so they are stored as
-    the strings "NaN", "Infinity", "-Infinity".
+    NaN and infinities stay floats: Zarr writes them as the JSON tokens NaN / Infinity (as
+    Python's json does) and reads them back as floats, so a missing number reads as NaN, not
+    as a string. `strict_json` maps them to None instead, for files other tools parse.
     """
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
@@ -90,10 +107,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
         return value
     if isinstance(value, complex):
         return [json_safe(value.real), json_safe(value.imag)]
@@ -104,6 +117,19 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "model_dump"):  # pydantic models (resolved configs)
         return json_safe(value.model_dump())
     return str(value)
+
+
+def strict_json(value: Any) -> Any:
+    """`json_safe(value)` with NaN and infinities as None: for files that other tools parse
+    with a standard JSON parser (NaN / Infinity are not JSON)."""
+    value = json_safe(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _now() -> str:
@@ -126,6 +152,223 @@ def frame_codecs() -> tuple[BloscCodec, ...]:
     uint16 frames) at three times the speed (0.64 vs 0.19 GB/s on 2 cores).
     """
     return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
+
+
+# --------------------------------------------------------------------------------------------
+# labels: long_name and units of every variable (CF conventions where they have one)
+
+#: Stands for the length unit of the store or run: "m" with geometry, "px" without.
+LENGTH = "<length>"
+
+#: long_name and units of each variable a store or run group holds. Units are UDUNITS
+#: strings as CF asks ("1": dimensionless), except "px" (object pixels: UDUNITS has no pixel)
+#: and "sqrt(counts)" (a simulated probe, whose |P|^2 is in counts: UDUNITS has no square
+#: root). Flags (bool) and text labels carry a long_name and no units: they are not
+#: quantities. Complex arrays: the units are those of the complex value (its modulus); the
+#: phase of a complex value is in radians.
+VARIABLE_LABELS: dict[str, tuple[str, str | None]] = {
+    # scan stores
+    INTENSITIES: ("diffraction intensity, zero frequency at the frame centre", "counts"),
+    POSITIONS: ("probe position (window centre) in the object plane", LENGTH),
+    "axis": ("position component", None),
+    MASK: ("bad detector pixel (True: not used)", None),
+    PREPROCESSED: ("preprocessed diffraction intensity", "counts"),
+    "preprocessed_mask": ("bad pixel of the preprocessed frames (True: not used)", None),
+    "true_object": ("ground-truth object transmission (complex, dimensionless)", "1"),
+    "true_object_y": ("ground-truth object y coordinate", LENGTH),
+    "true_object_x": ("ground-truth object x coordinate", LENGTH),
+    "true_probe": (
+        "ground-truth probe, complex amplitude (|probe|^2 in counts per pixel)",
+        "sqrt(counts)",
+    ),
+    # run groups
+    "object": ("reconstructed object transmission (complex, dimensionless)", "1"),
+    "probe": (
+        "reconstructed probe, complex amplitude (|probe|^2 x the run's intensity_scale is in "
+        "counts per pixel)",
+        "1",
+    ),
+    "loss": ("training loss (of the normalised data)", "1"),
+    "epoch": ("training epoch", "1"),
+    "y": ("object y coordinate (pixel centre)", LENGTH),
+    "x": ("object x coordinate (pixel centre)", LENGTH),
+    "probe_y": ("probe y coordinate from the window centre", LENGTH),
+    "probe_x": ("probe x coordinate from the window centre", LENGTH),
+    "frc": ("Fourier ring correlation of the half-scan reconstructions", "1"),
+    "half_bit_threshold": ("half-bit threshold (van Heel & Schatz 2005)", "1"),
+    "n_pixels": ("pixels in the Fourier ring", "1"),
+    "spatial_frequency": ("spatial frequency", None),  # units set by evaluate.frc: 1/m or 1/px
+}
+
+
+def variable_label(name: str, length_unit: str | None = None) -> dict[str, str]:
+    """{"long_name": ..., "units": ...} of a variable in `VARIABLE_LABELS` (units left out
+    where it has none, or where it is a length and `length_unit` is None)."""
+    long_name, units = VARIABLE_LABELS[name]
+    if units == LENGTH:
+        units = length_unit
+    return {"long_name": long_name} if units is None else {"long_name": long_name, "units": units}
+
+
+def label_variables(ds: xr.Dataset, length_unit: str | None) -> xr.Dataset:
+    """A copy of `ds` whose variables and coordinates carry `long_name` and `units`.
+
+    Attributes already set win (the writer knows its data). `length_unit` ("m" or "px", the
+    store's positions_unit) fills the units of lengths; None leaves them as they are.
+    Variables not in `VARIABLE_LABELS` are left alone.
+    """
+    out = ds.copy()
+    for name in list(out.variables):
+        if str(name) not in VARIABLE_LABELS:
+            continue
+        var = out.variables[name]
+        var.attrs = {**variable_label(str(name), length_unit), **var.attrs}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# paths in attributes: relative to the store
+
+
+def relative_paths(value: Any, store_path: str | os.PathLike) -> Any:
+    """`value` with paths that lie in or beside the store made relative to the store.
+
+    A store is moved and copied whole, with its neighbours (figures, source files): an
+    absolute path would then point at the old place. Converted: `Path` objects, and strings
+    that are absolute paths, whose target lies under the store's parent folder, and the store
+    path itself as given (often relative to the working directory, which means nothing to a
+    later reader). The result is relative to the store directory: read it back as
+    `store_path / value` (`"."` is the store, `"../x.h5"` a file beside it). Other strings
+    and paths elsewhere are kept as they are.
+    """
+    store_abs = os.path.abspath(store_path)
+    parent = os.path.dirname(store_abs)
+    given = str(store_path)
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        is_path = isinstance(v, (Path, os.PathLike))
+        if not is_path and not isinstance(v, str):
+            return v
+        text = os.fspath(v)
+        if not isinstance(text, str) or not text:
+            return v
+        if text == given:
+            return "."
+        if not is_path and not os.path.isabs(text):
+            return v
+        target = os.path.abspath(text)
+        if target == parent or target.startswith(parent.rstrip(os.sep) + os.sep):
+            return os.path.relpath(target, store_abs)
+        return text
+
+    return convert(value)
+
+
+# --------------------------------------------------------------------------------------------
+# consolidated metadata
+
+_CONSOLIDATE_THREAD_LOCK = threading.Lock()
+_CONSOLIDATE_TRIES = 5
+
+
+def consolidate_lock_path(path: str | os.PathLike) -> Path:
+    """`<store parent>/.<store name>.consolidate.lock`: beside the store (Zarr warns about
+    files in it that are not part of the hierarchy)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.consolidate.lock"
+
+
+@contextlib.contextmanager
+def _consolidate_lock(path: Path):
+    """Serialise consolidations of one store: across threads (a lock), processes and hosts
+    (flock on a file beside the store; NFS maps it to a POSIX lock). Where the file cannot be
+    made (a read-only folder), only the thread lock is held."""
+    with _CONSOLIDATE_THREAD_LOCK:
+        try:
+            fd = os.open(consolidate_lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def _hierarchy_metadata(group: zarr.Group, prefix: str, out: dict[str, Any]) -> None:
+    """Metadata of every node below `group` (flat, keyed by path), read from each node's own
+    zarr.json. Skipped: hidden names (a run being deleted, a scratch copy) and the
+    `checkpoints` folder (scratch of unfinished runs, rewritten while others write)."""
+    for name, node in group.members():
+        if name.startswith(".") or (not prefix and name == CHECKPOINTS):
+            continue
+        key = f"{prefix}{name}"
+        meta = node.metadata
+        if isinstance(node, zarr.Group):
+            meta = dataclasses.replace(meta, consolidated_metadata=None)
+            out[key] = meta
+            _hierarchy_metadata(node, f"{key}/", out)
+        else:
+            out[key] = meta
+
+
+def _write_consolidated(path: Path) -> None:
+    root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
+    flat: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        # a folder being written or deleted by another process is not yet/no longer a node
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        _hierarchy_metadata(root, "", flat)
+    consolidated = ConsolidatedMetadata.from_dict(
+        {
+            "kind": "inline",
+            "must_understand": False,
+            "metadata": {k: v.to_dict() for k, v in flat.items()},
+        }
+    )
+    meta = dataclasses.replace(root.metadata, consolidated_metadata=consolidated)
+    data = meta.to_buffer_dict(default_buffer_prototype())[ZARR_JSON].to_bytes()
+    # Replace zarr.json atomically: a reader never sees half of it. The scratch file is
+    # beside the store, on the same file system.
+    tmp = _hidden_sibling(path, "zarr-json")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path / ZARR_JSON)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    """Write the store's consolidated metadata (the metadata of every array and group, in
+    the root's zarr.json), so that `xarray.open_zarr(store)` and `xarray.open_zarr(store,
+    group="reconstructions/<run_id>")` open it in one read and without warnings.
+
+    Call it after every write that changes the hierarchy or its attributes: the pipeline's
+    own readers never use the consolidated copy (it may lag a concurrent writer), readers
+    elsewhere do. Consolidations of a store are serialised (`_consolidate_lock`), and each
+    reads every node afresh, so the last one, which follows the last write, sees everything.
+    A node changing under the walk (another writer) is retried.
+    """
+    path = Path(path)
+    _require_store_dir(path)
+    with _consolidate_lock(path):
+        for attempt in range(_CONSOLIDATE_TRIES):
+            try:
+                _write_consolidated(path)
+                return
+            except (FileNotFoundError, KeyError, ValueError) as exc:
+                if attempt == _CONSOLIDATE_TRIES - 1:
+                    raise StoreError(
+                        f"{path}: cannot consolidate the metadata ({exc}); expected a store "
+                        "whose nodes stay readable"
+                    ) from exc
+                time.sleep(0.05 * (attempt + 1))
 
 
 def check_geometry(attrs: Mapping[str, Any], where: str) -> None:
@@ -274,7 +517,8 @@ def create_scan_store(
         if np.dtype(var.dtype) == np.complex128:
             var = var.astype(np.complex64)  # complex64, never complex128 (README)
         ds[name] = var
-    ds.attrs = json_safe(attrs)
+    ds = label_variables(ds, attrs["positions_unit"])
+    ds.attrs = json_safe(relative_paths(attrs, path))
 
     encoding = {
         INTENSITIES: {
@@ -290,7 +534,9 @@ def create_scan_store(
         with zarr.config.set({"codec_pipeline.batch_size": max(1, fps)}):
             ds.to_zarr(tmp, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
         if final_attrs is not None:
-            zarr.open_group(str(tmp), mode="r+").attrs.update(json_safe(final_attrs()))
+            extra = json_safe(relative_paths(final_attrs(), path))
+            zarr.open_group(str(tmp), mode="r+", use_consolidated=False).attrs.update(extra)
+        _write_consolidated(tmp)  # nobody else sees `tmp`: no lock needed
         move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,7 +570,8 @@ def _zarr_root(path: Path) -> zarr.Group:
             raise StoreError(f"{where}: is a Zarr v2 store; expected Zarr v3 (zarr.json)")
         raise StoreError(f"{where}: no zarr.json; expected a Zarr v3 scan store")
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        # never the consolidated copy: it may lag a writer that has not consolidated yet
+        root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
     except Exception as exc:  # corrupt metadata, an array at the root, ...
         raise StoreError(f"{where}: cannot be opened as a Zarr v3 group ({exc})") from exc
     return root
@@ -535,6 +782,11 @@ def _require_store_dir(path: Path) -> None:
         raise StoreError(f"{path}: not a Zarr v3 store (no zarr.json); expected a scan store")
 
 
+def _length_unit_of(attrs: Mapping[str, Any]) -> str | None:
+    unit = attrs.get("positions_unit")
+    return unit if unit in POSITIONS_UNITS else None
+
+
 def write_run(
     path: str | os.PathLike,
     run_id: str,
@@ -548,7 +800,9 @@ def write_run(
     The run group gets status "running" (and `created` on its first write); only
     `mark_run(..., "complete")`, called last by the caller, makes it look done. Variables of
     the same name are replaced; other variables and subgroups are kept. Different run ids
-    touch disjoint directories, so concurrent writers do not interfere.
+    touch disjoint directories, so concurrent writers do not interfere. Variables get their
+    labels (`label_variables`), attrs their store-relative paths, and the store's
+    consolidated metadata is rewritten last (`consolidate`).
     """
     path = Path(path)
     _require_store_dir(path)
@@ -559,10 +813,11 @@ def write_run(
         if np.dtype(out[name].dtype) == np.complex128:
             out[name] = out[name].astype(np.complex64)
         out[name].encoding = {}
-    out.attrs = json_safe({**result.attrs, **attrs})
+    out = label_variables(out, _length_unit_of({**result.attrs, **attrs}))
+    out.attrs = json_safe(relative_paths({**result.attrs, **attrs}, path))
 
     # Create the run group (and the parents) explicitly, then drop arrays about to be replaced.
-    root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    root = zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=False)
     recon = root.require_group(RECONSTRUCTIONS)
     run = recon.require_group(run_id)
     target = run.require_group(subgroup) if subgroup else run
@@ -584,11 +839,14 @@ def write_run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         out.to_zarr(str(path), group=group, mode="a", consolidated=False, zarr_format=3)
-    run = zarr.open_group(str(path), path=run_group, mode="r+", zarr_format=3)
+    run = zarr.open_group(
+        str(path), path=run_group, mode="r+", zarr_format=3, use_consolidated=False
+    )
     update = {"status": "running", "updated": _now()}
     if "created" not in run.attrs:
         update["created"] = _now()
     run.attrs.update(update)
+    consolidate(path)
 
 
 def mark_run(path: str | os.PathLike, run_id: str, status: str, **attrs: Any) -> None:
@@ -596,17 +854,25 @@ def mark_run(path: str | os.PathLike, run_id: str, status: str, **attrs: Any) ->
     path = Path(path)
     _require_store_dir(path)
     try:
-        run = zarr.open_group(str(path), path=_run_group_path(run_id), mode="r+", zarr_format=3)
+        run = zarr.open_group(
+            str(path),
+            path=_run_group_path(run_id),
+            mode="r+",
+            zarr_format=3,
+            use_consolidated=False,
+        )
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{path}: run {run_id!r} does not exist; expected a written run") from exc
-    run.attrs.update(json_safe({**attrs, "status": status, "updated": _now()}))
+    update = {**attrs, "status": status, "updated": _now()}
+    run.attrs.update(json_safe(relative_paths(update, path)))
+    consolidate(path)
 
 
 def list_runs(path: str | os.PathLike) -> list[dict]:
     """All runs in a store: run_id, status, created and the run's attrs, oldest first."""
     path = Path(path)
     _require_store_dir(path)
-    root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
     if RECONSTRUCTIONS not in root:
         return []
     runs = []
@@ -634,7 +900,9 @@ def open_run(path: str | os.PathLike, run_id: str, subgroup: str | None = None) 
         raise StoreError(f"{path}: group {group!r} does not exist; expected a written run")
     ds = xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3)
     if subgroup:
-        run = zarr.open_group(str(path), path=_run_group_path(run_id), mode="r", zarr_format=3)
+        run = zarr.open_group(
+            str(path), path=_run_group_path(run_id), mode="r", zarr_format=3, use_consolidated=False
+        )
         ds.attrs.setdefault("status", run.attrs.get("status", "unknown"))
     return ds
 
@@ -662,6 +930,7 @@ def mark_part(
     key = f"{_run_group_path(run_id, subgroup)}/{array}"
     arr = zarr.open_array(str(path), path=key, mode="r+", zarr_format=3)
     arr.attrs[PART_RECORD] = json_safe(record)
+    consolidate(path)
 
 
 def read_part(
@@ -690,6 +959,7 @@ def delete_run(path: str | os.PathLike, run_id: str) -> None:
     # Rename first so a half-deleted run never looks like a run.
     trash = _hidden_sibling(target, "deleted")
     os.rename(target, trash)
+    consolidate(path)
     shutil.rmtree(trash, ignore_errors=True)
 
 

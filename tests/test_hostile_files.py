@@ -213,6 +213,8 @@ def test_disk_full_halfway_leaves_nothing(tmp_path, monkeypatch, how):
         monkeypatch.setattr(core, "free_space", lambda p: (Path(p), 10**12))
     else:
         target.mkdir()
+        # the failure is injected into zarr-python's LocalStore, which zarrs bypasses
+        monkeypatch.setattr(core, "zarrs_available", lambda: False)
         import zarr.storage._local as local
 
         real, calls = local._put, []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -108,7 +109,7 @@ def test_archive_same_stem_in_two_dirs(tmp_path, scan):
     assert report.ok and len(stores) == 2
 
 
-def test_archive_on_local_cluster(tmp_path, scan):
+def test_archive_on_local_cluster(tmp_path, scan, capsys):
     src = tmp_path / "raw"
     src.mkdir()
     for i in range(3):
@@ -117,6 +118,11 @@ def test_archive_on_local_cluster(tmp_path, scan):
     assert report.ok and len(report.rows) == 3
     for r in report.rows:
         assert store.open_scan_store(r["store"]).sizes["scan"] == 4
+    # progress on stderr, not stdout: the files, and where the Dask dashboard is (loopback)
+    captured = capsys.readouterr()
+    assert "ingest-archive" not in captured.out
+    assert re.search(r"ingest-archive \S+: Dask dashboard: http://127\.0\.0\.1:\d+/", captured.err)
+    assert re.search(r"ingest-archive \S+: done: 3 files in ", captured.err)
 
 
 def test_archive_glob_matching_nothing(tmp_path):

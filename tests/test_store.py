@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import shutil
 from pathlib import Path
@@ -311,7 +312,8 @@ def test_runs_lifecycle(tmp_path):
     )
     (run,) = store.list_runs(path)
     assert run["run_id"] == "r1" and run["status"] == "running" and run["created"]
-    assert run["config"] == {"lr": 1e-4, "bad": "NaN"}
+    assert run["config"]["lr"] == 1e-4 and math.isnan(run["config"]["bad"])  # NaN stays NaN
+    assert run["path"] == ".."  # a path beside the store is stored relative to it
     store.write_run(path, "r1", _result(1), attrs={"half": "a"}, subgroup="half_a")
     store.mark_run(path, "r1", "complete", wall_s=12.5)
     (run,) = store.list_runs(path)
@@ -348,7 +350,8 @@ def test_a_part_record_lives_and_dies_with_the_part_arrays(tmp_path):
     assert store.read_part(path, "r1") is None  # written, not vouched for
     store.mark_part(path, "r1", {"fingerprint": "abc", "result": {"loss": float("nan")}})
     store.mark_part(path, "r1", {"fingerprint": "def"}, subgroup="half_a")
-    assert store.read_part(path, "r1") == {"fingerprint": "abc", "result": {"loss": "NaN"}}
+    record = store.read_part(path, "r1")
+    assert record["fingerprint"] == "abc" and math.isnan(record["result"]["loss"])
     assert store.read_part(path, "r1", subgroup="half_a") == {"fingerprint": "def"}
     # the run's attrs being rewritten (prepare of a re-run, the final write) keep the records
     store.write_run(path, "r1", xr.Dataset(), attrs={"again": True})

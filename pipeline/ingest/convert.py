@@ -18,8 +18,8 @@ from scipy.spatial import cKDTree
 
 from ptyinr.errors import IngestError
 
-PositionsUnit = Literal["m", "um", "nm", "px"]
-POSITION_SCALE = {"m": 1.0, "um": 1e-6, "nm": 1e-9}
+PositionsUnit = Literal["m", "mm", "um", "nm", "px"]
+POSITION_SCALE = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "nm": 1e-9}
 
 # Geometry keys with a unit suffix, and the factor to SI. Energies convert to a wavelength.
 GEOMETRY_ALIASES: dict[str, tuple[str, float]] = {
@@ -30,8 +30,10 @@ GEOMETRY_ALIASES: dict[str, tuple[str, float]] = {
     "energy_kev": ("energy_ev", 1e3),
     "energy_j": ("energy_ev", 1.0 / 1.602176634e-19),
     "detector_distance_m": ("detector_distance_m", 1.0),
+    "detector_distance_cm": ("detector_distance_m", 1e-2),
     "detector_distance_mm": ("detector_distance_m", 1e-3),
     "detector_pixel_size_m": ("detector_pixel_size_m", 1.0),
+    "detector_pixel_size_mm": ("detector_pixel_size_m", 1e-3),
     "detector_pixel_size_um": ("detector_pixel_size_m", 1e-6),
 }
 
@@ -79,7 +81,7 @@ class Conversions:
         """Refuse values outside each option's choices (one line naming the option)."""
         choices = {
             "dc": ("centre", "corner", "auto", None),
-            "positions_unit": ("m", "um", "nm", "px", None),
+            "positions_unit": ("m", "mm", "um", "nm", "px", None),
             "positions_order": ("yx", "xy", None),
             "negative": ("error", "clip", None),
         }

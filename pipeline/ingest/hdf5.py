@@ -1,5 +1,14 @@
 """Generic HDF5 reader driven by a key map (`--key intensities=/entry/data/data ...`).
 
+NeXus NXptycho files need no key map: what the map leaves out is taken from the places
+the application definition names, units from `@units` (table in `ptyinr.ingest.nexus`):
+frames ENTRY/data/data (or the detector's data), positions ENTRY/data/x,y (or the sample's
+transformations x,y / x_translation,y_translation), energy instrument/beam/
+incident_beam_energy (or incident_energy, incident_wavelength, monochromator/energy),
+detector distance, x_pixel_size and pixel_mask from instrument/detector.
+Compressed detector data (bitshuffle-LZ4, Blosc, Zstd, LZ4, ... as Eiger and Jungfrau
+write it) is decoded through `hdf5plugin`, imported with the registry: no HDF5_PLUGIN_PATH.
+
 A key map value is one of:
   `/path/to/dataset`     an array (frames, positions, mask) or a scalar dataset;
   `/path/to/object@attr` an attribute (`@attr` alone: a root attribute);
@@ -34,6 +43,7 @@ from ptyinr.ingest.convert import (
     positions_from_grid,
     single_value,
 )
+from ptyinr.ingest.nexus import find_entry, nxptycho_keys
 from ptyinr.ingest.registry import SourceScan, open_h5, register_reader
 
 FRAME_KEYS = ("intensities",)
@@ -43,7 +53,9 @@ DEFAULT_CANDIDATES = {
     "intensities": ("/entry/data/data", "/intensities", "/data", "/diffraction", "/frames"),
     "positions": ("/entry/positions", "/positions", "/pos"),
 }
-_CHUNK_BYTES = 16 * 2**20
+# Frames per dask chunk: the scan store's shard target (32 MiB), so each chunk read from the
+# file is one shard written, without a rechunk (a concatenation copy) in between.
+_CHUNK_BYTES = 32 * 2**20
 
 
 class H5Frames:
@@ -321,15 +333,34 @@ def _plain(v: Any) -> Any:
 
 
 def read_generic(
-    path: Path, keys: dict[str, str], src: str, defaults: Conversions | None = None
+    path: Path,
+    keys: dict[str, str],
+    src: str,
+    defaults: Conversions | None = None,
+    *,
+    nexus: bool = False,
+    entry: str | None = None,
 ) -> SourceScan:
-    """Read with a key map (shared by the layout-specific HDF5 readers)."""
+    """Read with a key map (shared by the layout-specific HDF5 readers).
+
+    `nexus`: fill what `keys` leaves out from the NeXus NXptycho places (see
+    `ptyinr.ingest.nexus`), in entry `entry` if given.
+    """
     unknown = sorted(set(keys) - set(KNOWN_KEYS))
     if unknown:
         raise IngestError(
             f"{src}: key map names {unknown}; expected keys among {sorted(KNOWN_KEYS)}"
         )
+    nexus_unit = nexus_entry = None
     with open_h5(path) as f:
+        if nexus:
+            if entry and find_entry(f, entry) is None:
+                raise IngestError(
+                    f"{src}: entry {entry!r} not found; expected a group (found {sorted(f)})"
+                )
+            found, nexus_unit = nxptycho_keys(f, keys, src, entry)
+            keys = {**found, **keys}
+            nexus_entry = find_entry(f, entry) if found else None
         spec = keys.get("intensities")
         if spec is None:
             spec = next((c for c in DEFAULT_CANDIDATES["intensities"] if c in f), None)
@@ -346,8 +377,12 @@ def read_generic(
         geometry = geometry_from_values(values, src)
         mask = read_array(f, keys["mask"], src, "mask") if "mask" in keys else None
         attrs = collect_attrs(f)
+        if nexus_entry is not None:
+            attrs["nexus_entry"] = nexus_entry.name
     has_geom = all(v is not None for v in geometry.values())
     base = defaults or Conversions()
+    if base.positions_unit is None and nexus_unit is not None:
+        base = Conversions(**{**base.as_dict(), "positions_unit": nexus_unit})
     if base.positions_unit is None:
         base = Conversions(**{**base.as_dict(), "positions_unit": "m" if has_geom else "px"})
     resolved_keys = {**keys, "intensities": spec, "positions": pos_key}
@@ -365,16 +400,21 @@ def read_generic(
 
 
 class HDF5Reader:
-    """Any HDF5 file, with a key map saying where each quantity lives."""
+    """Any HDF5 file, with a key map saying where each quantity lives; what the map leaves
+    out is looked for where NeXus NXptycho puts it (`ptyinr.ingest.nexus`)."""
 
     name = "hdf5"
-    description = "generic HDF5 with a key map (--key intensities=/entry/data/data ...)"
+    description = (
+        "generic HDF5 with a key map (--key intensities=/entry/data/data ...); "
+        "NeXus NXptycho files need no keys"
+    )
 
     def sniff(self, path: Path) -> bool:
         return path.is_file() and h5py.is_hdf5(path)
 
     def read(self, path: Path, keys: dict[str, str], options: dict[str, Any]) -> SourceScan:
-        return read_generic(path, keys, str(path))
+        entry = options.get("entry")
+        return read_generic(path, keys, str(path), nexus=True, entry=entry)
 
 
 register_reader(HDF5Reader())

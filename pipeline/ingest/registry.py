@@ -3,18 +3,36 @@
 Why: facilities add beamlines, each with its own file layout. A new layout is a new module
 in `pipeline/ingest/` that defines a `Reader` and calls `register_reader`; nothing else
 changes. Every module in this package is imported by `load_readers()`.
+
+Readers from other packages: a distribution declares an entry point in the group
+`ptyinr.readers` (pyproject: `[project.entry-points."ptyinr.readers"] NAME =
+"pkg.module:ReaderClass"`, or a reader instance, or a module that calls `register_reader`).
+Entry points are listed when the registry is first used, and each plugin is imported only
+when it is needed (asked for by `--format NAME`, or reached while sniffing a file). A
+plugin that fails to import or is not a reader is reported by name (a warning, and in
+`plugin_errors()`; `--format NAME` of it is an `IngestError` with the reason) and the
+built-in readers go on working. A plugin cannot replace a built-in reader's name.
+
+Importing this module imports `hdf5plugin`, which registers the HDF5 compression filters
+of detector files (bitshuffle-LZ4, Blosc, Blosc2, Zstd, LZ4, ... as Eiger and Jungfrau
+write) with h5py, so they read without HDF5_PLUGIN_PATH or other set-up.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
 import pkgutil
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import dask.array as da
 import h5py
+import hdf5plugin  # noqa: F401  (registers the detector compression filters with h5py)
 import numpy as np
 
 from ptyinr.errors import IngestError
@@ -56,9 +74,16 @@ class Reader(Protocol):
 
 
 READERS: dict[str, Reader] = {}
-# Sniffing order: the most specific layouts first, the generic key-map reader last.
-_PRIORITY = ("ptyinr_h5", "cxi", "npz", "hdf5")
+# Sniffing order: the most specific layouts first, then other readers (plugins included),
+# the generic key-map reader last (it accepts any HDF5 file).
+_PRIORITY = ("ptyinr_h5", "cxi", "npz")
+_GENERIC = "hdf5"
+ENTRY_POINT_GROUP = "ptyinr.readers"
 _LOADED = False
+_LOCK = threading.RLock()
+_BUILTIN: set[str] = set()
+_PENDING: dict[str, importlib.metadata.EntryPoint] = {}  # plugins listed, not yet imported
+_PLUGIN_ERRORS: dict[str, str] = {}
 
 
 def register_reader(reader: Reader) -> Reader:
@@ -68,22 +93,99 @@ def register_reader(reader: Reader) -> Reader:
 
 
 def load_readers() -> dict[str, Reader]:
-    """Import every module of this package once, so each registers its reader."""
+    """Import every module of this package once, so each registers its reader, and list
+    the plugins of the `ptyinr.readers` entry-point group (imported when needed)."""
     global _LOADED
-    if not _LOADED:
-        package = importlib.import_module("ptyinr.ingest")
-        for info in pkgutil.iter_modules(package.__path__):
-            if info.name not in ("registry", "convert", "core", "catalog"):
-                importlib.import_module(f"ptyinr.ingest.{info.name}")
-        _LOADED = True
+    with _LOCK:
+        if not _LOADED:
+            package = importlib.import_module("ptyinr.ingest")
+            for info in pkgutil.iter_modules(package.__path__):
+                if info.name not in ("registry", "convert", "core", "catalog"):
+                    importlib.import_module(f"ptyinr.ingest.{info.name}")
+            _BUILTIN.update(READERS)
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if ep.name in _BUILTIN:
+                    _plugin_failed(ep, "its name is a built-in reader's; expected another name")
+                elif ep.name not in _PENDING:
+                    _PENDING[ep.name] = ep
+            _LOADED = True
     return READERS
+
+
+def _plugin_failed(ep: importlib.metadata.EntryPoint, reason: str) -> None:
+    dist = getattr(ep, "dist", None)
+    origin = f" from {dist.name}" if dist is not None else ""
+    msg = f"reader plugin {ep.name!r} ({ep.value}{origin}): {reason}"
+    _PLUGIN_ERRORS[ep.name] = msg
+    warnings.warn(f"{msg}; the other readers are unaffected", RuntimeWarning, stacklevel=3)
+
+
+def _load_plugin(name: str) -> Reader | None:
+    """Import a listed plugin and register its reader; None (and the reason recorded) if it
+    is broken. Whatever a plugin raises on import stays with that plugin."""
+    with _LOCK:
+        ep = _PENDING.pop(name, None)
+        if ep is None:
+            return READERS.get(name)
+        try:
+            obj = ep.load()
+        except BaseException as exc:  # a plugin's import may raise anything, even SystemExit
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            text = " ".join(str(exc).split())
+            _plugin_failed(ep, f"cannot be imported ({type(exc).__name__}: {text})")
+            return None
+        if inspect.ismodule(obj):  # a module that calls register_reader itself
+            if name in READERS:
+                return READERS[name]
+            _plugin_failed(ep, f"module {obj.__name__} registered no reader named {name!r}")
+            return None
+        try:
+            reader = obj() if isinstance(obj, type) else obj
+        except Exception as exc:
+            _plugin_failed(ep, f"cannot be constructed ({type(exc).__name__}: {exc})")
+            return None
+        missing = [
+            a
+            for a in ("name", "sniff", "read")
+            if not (callable(getattr(reader, a, None)) or (a == "name" and hasattr(reader, a)))
+        ]
+        if missing:
+            _plugin_failed(
+                ep,
+                f"{type(reader).__name__} lacks {missing}; expected a reader with name, "
+                "sniff(path) and read(path, keys, options)",
+            )
+            return None
+        if reader.name != name:
+            _plugin_failed(
+                ep, f"the reader is named {reader.name!r}; expected the entry point's name"
+            )
+            return None
+        READERS[name] = reader
+        return reader
+
+
+def plugin_errors() -> dict[str, str]:
+    """Plugins that could not be loaded so far: name -> reason (one line each)."""
+    return dict(_PLUGIN_ERRORS)
+
+
+def reader_names() -> list[str]:
+    """Every reader name: built-in, loaded and listed (not yet imported) plugins."""
+    load_readers()
+    return sorted(set(READERS) | set(_PENDING))
 
 
 def get_reader(name: str) -> Reader:
     """The reader called `name`; an unknown name is an `IngestError` listing the known ones."""
     readers = load_readers()
+    if name in _PENDING:
+        _load_plugin(name)
+    if name in _PLUGIN_ERRORS and name not in readers:
+        raise IngestError(f"format={name!r}: {_PLUGIN_ERRORS[name]}")
     if name not in readers:
-        raise IngestError(f"format={name!r} is unknown; expected one of {sorted(readers)}")
+        raise IngestError(f"format={name!r} is unknown; expected one of {reader_names()}")
     return readers[name]
 
 
@@ -105,10 +207,14 @@ def detect_format(path: str | Path) -> str:
     """The name of the first reader whose `sniff` accepts the file."""
     path = Path(path)
     readers = load_readers()
-    order = [n for n in _PRIORITY if n in readers] + sorted(set(readers) - set(_PRIORITY))
+    others = sorted((set(readers) | set(_PENDING)) - set(_PRIORITY) - {_GENERIC})
+    order = [n for n in _PRIORITY if n in readers] + others + [_GENERIC]
     for name in order:
+        reader = readers.get(name) if name not in _PENDING else _load_plugin(name)
+        if reader is None:
+            continue
         try:
-            if readers[name].sniff(path):
+            if reader.sniff(path):
                 return name
         except Exception:  # a sniffer never decides for another reader by crashing
             continue
