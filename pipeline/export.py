@@ -118,7 +118,9 @@ class RunData:
         return f"{self.scan_id} run {self.run_id}"
 
     def attrs_json(self) -> str:
-        return json.dumps(store.json_safe(self.attrs), sort_keys=True, default=str)
+        return json.dumps(
+            store.strict_json(self.attrs), sort_keys=True, default=str, allow_nan=False
+        )
 
 
 # ------------------------------------------------------------------------------------ reading
