@@ -1,45 +1,52 @@
-"""Engine commands: simulate, reconstruct, evaluate, show, demo."""
+"""Engine commands: simulate, reconstruct, evaluate, show, demo.
+
+The pipeline (torch, xarray, matplotlib) is imported inside each command, never at module
+import: `ptyinr --help` imports this module (see ptyinr.cli.main).
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
-from ptyinr import figures, store
 from ptyinr.cli.common import (
+    ConfigOption,
+    Device,
+    JsonOption,
+    Noise,
+    OverwriteAlias,
     ProbeGuessOption,
+    RunAlias,
+    ScanKind,
+    SetOption,
+    choice_option,
     console,
     err_console,
+    existing_run_id,
+    parse_choice,
+    print_json,
     probe_guess_overrides,
     user_errors,
 )
-from ptyinr.config import load_config, read_toml
 from ptyinr.errors import ConfigError, InputError, ReconstructionFailed
-from ptyinr.launch import choose_ranks
-from ptyinr.reconstruct import load_probe_file, reconstruct_store, resolve_config
-from ptyinr.runtime.plan import check_plan, parse_device_memory
-from ptyinr.scandata import load_scan
-from ptyinr.simulate import SimulationConfig, export_raw_hdf5, write_simulated_store
+
+if TYPE_CHECKING:
+    from ptyinr.simulate import SimulationConfig
 
 DEMO_PRESET = "demo"
 
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="override a config value: section.key=value (repeatable)"),
-]
-ConfigOption = Annotated[
-    str | None, typer.Option("--config", help="TOML file or preset name (see configs/)")
-]
-
 
 def _simulation_config(preset: str | None, **given: object) -> SimulationConfig:
+    from pydantic import ValidationError
+
+    from ptyinr.config import read_toml
+    from ptyinr.simulate import SimulationConfig
+
     values = dict(read_toml(preset).get("simulate", {})) if preset else {}
     values.update({k: v for k, v in given.items() if v is not None})
     try:
@@ -53,20 +60,33 @@ def _simulation_config(preset: str | None, **given: object) -> SimulationConfig:
 
 
 def simulate(
-    out: Annotated[Path, typer.Argument(help="the scan store to write (OUT.zarr)")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT.zarr", help="the scan store to write (OUT.zarr)")
+    ],
     preset: Annotated[
         str | None,
-        typer.Option(help="take the [simulate] table of a preset, e.g. paper-noise-poisson"),
+        typer.Option(help="take the \\[simulate] table of a preset, e.g. paper-noise-poisson"),
     ] = None,
     overlap: Annotated[float | None, typer.Option(help="1 - step / probe FWHM")] = None,
-    noise: Annotated[str | None, typer.Option(help="clean | poisson | gaussian | mixed")] = None,
-    scan: Annotated[str | None, typer.Option(help="raster | spiral | jitter")] = None,
+    noise: Annotated[
+        str | None,
+        choice_option(
+            Noise,
+            "--noise",
+            help="clean; poisson, gaussian, mixed: the paper's eqs (6)-(8); counts: Poisson "
+            "photon counts stored as integers",
+        ),
+    ] = None,
+    scan: Annotated[str | None, choice_option(ScanKind, "--scan", help="scan pattern")] = None,
     probe_size: Annotated[int | None, typer.Option(help="probe/frame pixels (64)")] = None,
     object_size: Annotated[int | None, typer.Option(help="object pixels (241)")] = None,
     alpha: Annotated[float | None, typer.Option(help="Poisson photon scale, eq. (6)")] = None,
     sigma: Annotated[float | None, typer.Option(help="Gaussian sigma, eq. (7)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing store (and --raw file)")
+    ] = False,
+    overwrite: OverwriteAlias = False,
     raw: Annotated[
         Path | None,
         typer.Option(
@@ -76,14 +96,19 @@ def simulate(
         ),
     ] = None,
 ) -> None:
-    """Simulate a scan (paper protocol, or a preset such as measured-like) into a scan store
-    with its ground truth."""
+    """Simulate a scan into a scan store, with its ground truth.
+
+    The paper's protocol by default, or a preset's \\[simulate] table (e.g. measured-like)."""
+    from ptyinr import store
+    from ptyinr.simulate import export_raw_hdf5, write_simulated_store
+
+    overwrite = force or overwrite
     with user_errors():
         config = _simulation_config(
             preset,
             overlap=overlap,
-            noise=noise,
-            scan=scan,
+            noise=parse_choice(Noise, noise, "--noise"),
+            scan=parse_choice(ScanKind, scan, "--scan"),
             probe_size=probe_size,
             object_size=object_size,
             alpha=alpha,
@@ -91,9 +116,9 @@ def simulate(
             seed=seed,
         )
         if out.exists() and not overwrite:
-            raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+            raise InputError(f"{out}: already exists; pass --force (or --overwrite) to replace it")
         if raw is not None and raw.exists() and not overwrite:
-            raise InputError(f"{raw}: already exists; pass --overwrite to replace it")
+            raise InputError(f"{raw}: already exists; pass --force (or --overwrite) to replace it")
         path = write_simulated_store(out, config, overwrite=overwrite)
         if raw is not None:
             export_raw_hdf5(raw, config)
@@ -127,16 +152,23 @@ def reconstruct(
     store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr", help="scan store")],
     config: ConfigOption = None,
     set_: SetOption = None,
-    run_id: Annotated[str | None, typer.Option(help="name of the run (default: timestamp)")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="name of the run (default: a timestamp)")
+    ] = None,
     probe: Annotated[
         Path | None, typer.Option(help="known probe (.npy, frame shape): probe is not fitted")
     ] = None,
     probe_guess: ProbeGuessOption = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
+    device: Annotated[
+        str | None,
+        choice_option(
+            Device, "--device", help="where to train (default: the config's train.device)"
+        ),
+    ] = None,
     figures_dir: Annotated[
         Path | None, typer.Option("--figures", help="also write PNG figures here")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     processes: Annotated[
         int, typer.Option(help="train data-parallel in K CPU processes (Gloo)")
     ] = 1,
@@ -158,8 +190,18 @@ def reconstruct(
             "without one): memory only; implies --plan",
         ),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Reconstruct object and probe of one scan store into reconstructions/<run_id>."""
+    """Reconstruct object and probe of one scan store into reconstructions/<run_id>.
+
+    With --json: the plan (--plan) or the finished run's summary as JSON on stdout."""
+    from ptyinr import store
+    from ptyinr.config import load_config
+    from ptyinr.launch import choose_ranks
+    from ptyinr.reconstruct import load_probe_file, reconstruct_store, resolve_config
+    from ptyinr.runtime.plan import check_plan, parse_device_memory
+    from ptyinr.scandata import load_scan
+
     with user_errors():
         if probe is not None and probe_guess:
             raise InputError(
@@ -168,7 +210,7 @@ def reconstruct(
             )
         overrides = list(set_ or []) + probe_guess_overrides(probe_guess)
         if device:
-            overrides.append(f"train.device={device}")
+            overrides.append(f"train.device={parse_choice(Device, device, '--device')}")
         cfg = resolve_config(load_config(config, overrides))  # the engine's own settings
         target = parse_device_memory(plan_for) if plan_for else None
         plan = plan or target is not None
@@ -176,6 +218,9 @@ def reconstruct(
             ranks, cfg = choose_ranks(processes, gpus, cfg)
         else:  # the other machine's ranks cannot be checked from here
             ranks = max(processes, gpus, 1)
+        if plan and as_json:
+            _print_plan_json(store_path, cfg, ranks, known_probe=probe is not None, target=target)
+            return
         check_plan(
             store_path,
             cfg,
@@ -206,6 +251,19 @@ def reconstruct(
         except ReconstructionFailed as exc:  # the fit diverged: one line, exit 1, nothing written
             err_console.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+    if as_json:
+        paths = _write_figures(store_path, rid, figures_dir) if figures_dir else []
+        print_json(
+            {
+                "store": str(store_path),
+                "run_id": rid,
+                "status": "complete",
+                **{k: result.info.get(k) for k in ("epochs", "train_seconds", "final_loss")},
+                "quality": result.info.get("quality") or None,
+                "figures": [str(p) for p in paths],
+            }
+        )
+        return
     console.print(
         f"run [bold]{rid}[/] complete: {result.info['epochs']} epochs in "
         f"{result.info['train_seconds']:.1f} s, final loss {result.info['final_loss']:.3e}"
@@ -217,7 +275,49 @@ def reconstruct(
         console.print(f"figures: {', '.join(str(p) for p in paths)}")
 
 
+def _print_plan_json(
+    store_path: Path,
+    cfg: Any,
+    ranks: int,
+    *,
+    known_probe: bool,
+    target: tuple[str, int] | None,
+) -> None:
+    """`--plan --json`: the plan `check_plan` prints, as JSON on stdout; then, like it, refuse
+    (one line on stderr, exit 2) when the run cannot fit the device."""
+    from ptyinr.runtime.plan import plan_for_store, refuse_unless_fits
+
+    device_type, available = target if target else (None, None)
+    plan = plan_for_store(
+        store_path,
+        cfg,
+        world_size=ranks,
+        known_probe=known_probe,
+        with_time=True,
+        device_type=device_type,
+        available=available,
+    )
+    mem = plan.memory
+    print_json(
+        {
+            "store": str(store_path),
+            "device": plan.device,
+            "workload": dataclasses.asdict(plan.workload),
+            "memory": {**dataclasses.asdict(mem), "peak": mem.peak, "fits": mem.fits},
+            "time_s": plan.time or None,  # None: not estimated (--plan-for)
+            "epochs": plan.epochs,
+            "run_seconds": plan.run_seconds,
+            "precision": plan.precision or None,
+            "alternatives_s": plan.alternatives or None,
+            "warnings": plan.warnings(),
+        }
+    )
+    refuse_unless_fits(plan, str(store_path))
+
+
 def _open_run_checked(store_path: Path, run: str):
+    from ptyinr import store
+
     runs = {r["run_id"]: r for r in store.list_runs(store_path)}
     if run not in runs:
         known = ", ".join(runs) or "none"
@@ -225,15 +325,30 @@ def _open_run_checked(store_path: Path, run: str):
     return store.open_run(store_path, run)
 
 
+RunIdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run-id",
+        show_default=False,
+        help="the run to read (required; `ptyinr results STORE` lists them)",
+    ),
+]
+
+
 def evaluate(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr")],
-    run: Annotated[str, typer.Option("--run", help="run id")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr", help="scan store")],
+    run_id: RunIdOption = None,
+    as_json: JsonOption = False,
+    run_alias: RunAlias = None,
 ) -> None:
     """Quality of a run against the store's ground truth (simulated stores)."""
-    with user_errors():
-        from ptyinr import evaluate as ev
+    import numpy as np
 
+    from ptyinr import evaluate as ev
+    from ptyinr import store
+
+    with user_errors():
+        run = existing_run_id(run_id, run_alias)
         ds = store.open_scan_store(store_path)
         result = _open_run_checked(store_path, run)
         if "true_object" not in ds:
@@ -259,12 +374,14 @@ def evaluate(
                 )
             )
     if as_json:
-        print(json.dumps(scores, indent=2))
+        print_json(scores)
     else:
         console.print(_quality_table(scores, f"{store_path.name}: run {run}"))
 
 
 def _write_figures(store_path: Path, run: str, out: Path) -> list[Path]:
+    from ptyinr import figures
+
     result = _open_run_checked(store_path, run).load()
     out.mkdir(parents=True, exist_ok=True)
     paths = figures.save_object_figures(result["object"], out, title=f"run {run}")
@@ -278,24 +395,31 @@ def _write_figures(store_path: Path, run: str, out: Path) -> list[Path]:
 
 
 def show(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr")],
-    run: Annotated[str, typer.Option("--run", help="run id")],
-    out: Annotated[Path, typer.Option("--out", help="folder for the PNGs")] = Path("figures"),
+    store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr", help="scan store")],
+    run_id: RunIdOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNGs")] = Path("figures"),
+    run_alias: RunAlias = None,
 ) -> None:
     """Write PNGs of a run: amplitude, phase, probe, loss (and FRC when computed)."""
     with user_errors():
+        run = existing_run_id(run_id, run_alias)
         paths = _write_figures(store_path, run, out)
     for p in paths:
         console.print(str(p))
 
 
 def demo(
-    out: Annotated[Path, typer.Option(help="folder for the demo store and figures")] = Path(
-        "ptyinr-demo"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder for the demo store and figures")
+    ] = Path("ptyinr-demo"),
     set_: SetOption = None,
 ) -> None:
     """Simulate a small scan, reconstruct it here with PtyINR, write results and figures."""
+    from ptyinr import store
+    from ptyinr.config import load_config
+    from ptyinr.reconstruct import reconstruct_store
+    from ptyinr.simulate import write_simulated_store
+
     with user_errors():
         started = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)

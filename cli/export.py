@@ -1,34 +1,54 @@
-"""Export command: write a finished run in a format other programs open (ptyinr.export)."""
+"""Export command: write a finished run in a format other programs open (ptyinr.export).
+
+ptyinr.export (xarray, h5py) is imported when the command runs, not for `ptyinr --help`; the
+format choices are `ptyinr.cli.common.ExportFormat` (tests check they are the writers of
+`ptyinr.export.EXPORTERS`, with the descriptions below).
+"""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from ptyinr.cli.common import console, user_errors
-from ptyinr.export import EXPORTERS, export_run
-
-# One choice per registered writer, so `ptyinr export --help` lists exactly what exists.
-ExportFormat = Enum(  # type: ignore[misc]
-    "ExportFormat", {name: name for name in EXPORTERS}, type=str
+from ptyinr.cli.common import (
+    ExportFormat,
+    RunAlias,
+    choice_option,
+    console,
+    existing_run_id,
+    parse_choice,
+    user_errors,
 )
 
-_FORMATS_HELP = "; ".join(f"{name}: {e.description}" for name, e in EXPORTERS.items())
+# What each writer writes (the `description` of its ptyinr.export.EXPORTERS entry; tested).
+FORMAT_DESCRIPTIONS: dict[str, str] = {
+    "cxi": "CXI file (HDF5): object, probe, positions",
+    "ptychodus": "ptychodus HDF5 product file",
+    "tiff": "float32 TIFFs: amplitude, phase, probe",
+    "npz": "numpy .npz of plain arrays",
+}
+
+_FORMATS_HELP = "; ".join(f"{name}: {text}" for name, text in FORMAT_DESCRIPTIONS.items())
 
 
 def export(
     store_path: Annotated[
         Path, typer.Argument(metavar="STORE.zarr", help="scan store holding the run")
     ],
-    run: Annotated[str, typer.Option("--run", help="run id (`ptyinr results STORE` lists them)")],
     format: Annotated[
-        ExportFormat,
-        typer.Option("--format", "-f", case_sensitive=False, help=f"file format ({_FORMATS_HELP})"),
+        str, choice_option(ExportFormat, "--format", "-f", help=f"file format ({_FORMATS_HELP})")
     ],
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id",
+            show_default=False,
+            help="the run to read (required; `ptyinr results STORE` lists them)",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -39,6 +59,7 @@ def export(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing files")] = False,
+    run_alias: RunAlias = None,
 ) -> None:
     """Export a complete run as CXI, ptychodus, TIFF or npz files that other tools open.
 
@@ -47,12 +68,16 @@ def export(
     and npz write it with pixel size 1 px. Existing files are kept unless --force, and a
     failed export leaves nothing behind.
     """
-    fmt = format.value if isinstance(format, Enum) else str(format)
+    from ptyinr.export import export_run
+
     with user_errors():
+        run = existing_run_id(run_id, run_alias)
+        fmt = str(parse_choice(ExportFormat, format, "--format"))
         paths = export_run(store_path, run, fmt, out, force=force)
     for path in paths:
         console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
+    """Attach the export command to the `ptyinr` application."""
     app.command("export")(export)

@@ -1,4 +1,8 @@
-"""Data commands: ingest, ingest-archive, catalog, info, preprocess."""
+"""Data commands: ingest, ingest-archive, catalog, info, preprocess.
+
+The readers, the store (xarray, h5py, numpy, scipy) and matplotlib are imported when a command
+runs, not for `ptyinr --help`.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ptyinr import store as scan_store
-from ptyinr.cli.common import fail
+from ptyinr.cli.common import (
+    DcPosition,
+    JsonOption,
+    Negative,
+    OverwriteAlias,
+    Parallel,
+    PositionsOrder,
+    PositionsUnit,
+    choice_option,
+    fail,
+    parse_choice,
+    print_json,
+)
 from ptyinr.errors import IngestError, InputError
 
 err = Console(stderr=True)
@@ -62,29 +76,85 @@ def _parse_keys(items: list[str] | None) -> dict[str, str]:
 def _conversions(**kw: Any):
     from ptyinr.ingest import Conversions
 
+    choices = {
+        "dc": (DcPosition, "--dc"),
+        "positions_unit": (PositionsUnit, "--positions-unit"),
+        "positions_order": (PositionsOrder, "--positions-order"),
+        "negative": (Negative, "--negative"),
+    }
+    for name, (enum, option) in choices.items():
+        kw[name] = parse_choice(enum, kw.get(name), option)
     conv = Conversions(**{k: v for k, v in kw.items() if v is not None})
     conv.validate()
     return conv
 
 
 # Shared options of ingest and ingest-archive.
-FormatOpt = Annotated[str, typer.Option("--format", help="Reader name, or auto (sniff).")]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="Reader: auto (sniff the file), or a reader name: ptyinr_h5, cxi, npz, hdf5 "
+        "(or one a site added to ptyinr.ingest).",
+    ),
+]
 KeyOpt = Annotated[
     list[str] | None,
     typer.Option("--key", "-k", help="Key map entry NAME=VALUE (HDF5 path, path@attr, number)."),
 ]
 AmpOpt = Annotated[
-    bool | None, typer.Option("--amplitude/--counts", help="Frames hold sqrt(counts).")
+    bool | None,
+    typer.Option(
+        "--amplitude/--counts",
+        help="Frames hold sqrt(counts) (squared on the way in), or counts. Default: the reader's.",
+    ),
 ]
-DcOpt = Annotated[str | None, typer.Option(help="Zero frequency: centre, corner or auto.")]
-UnitOpt = Annotated[str | None, typer.Option(help="Positions unit in the file: m, um, nm, px.")]
-OrderOpt = Annotated[str | None, typer.Option(help="Positions column order: yx or xy.")]
-TransposeOpt = Annotated[bool | None, typer.Option("--transpose/--no-transpose")]
-FlipYOpt = Annotated[bool | None, typer.Option("--flip-y/--no-flip-y")]
-FlipXOpt = Annotated[bool | None, typer.Option("--flip-x/--no-flip-x")]
-NegOpt = Annotated[str | None, typer.Option(help="Negative counts: error or clip.")]
+DcOpt = Annotated[
+    str | None,
+    choice_option(
+        DcPosition,
+        "--dc",
+        help="Where the zero frequency sits in the file's frames (auto: decide from them).",
+    ),
+]
+UnitOpt = Annotated[
+    str | None,
+    choice_option(
+        PositionsUnit, "--positions-unit", help="Positions unit in the file (px: keep pixel units)."
+    ),
+]
+OrderOpt = Annotated[
+    str | None,
+    choice_option(PositionsOrder, "--positions-order", help="Positions column order in the file."),
+]
+TransposeOpt = Annotated[
+    bool | None,
+    typer.Option("--transpose/--no-transpose", help="Swap the detector's y and x axes."),
+]
+FlipYOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--flip-y/--no-flip-y", help="Mirror the detector's y axis (about the DC pixel N // 2)."
+    ),
+]
+FlipXOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--flip-x/--no-flip-x", help="Mirror the detector's x axis (about the DC pixel N // 2)."
+    ),
+]
+NegOpt = Annotated[
+    str | None,
+    choice_option(
+        Negative, "--negative", help="Negative counts: refuse them (error) or set them to 0."
+    ),
+]
 DupOpt = Annotated[
-    bool | None, typer.Option("--allow-duplicate-positions/--no-duplicate-positions")
+    bool | None,
+    typer.Option(
+        "--allow-duplicate-positions/--no-duplicate-positions",
+        help="Accept repeated positions (e.g. repeated exposures), or refuse them.",
+    ),
 ]
 EntryOpt = Annotated[str | None, typer.Option(help="CXI entry group (default entry_1).")]
 ShardOpt = Annotated[int | None, typer.Option(help="Frames per Zarr shard (default ~32 MB).")]
@@ -107,9 +177,11 @@ def ingest(
     entry: EntryOpt = None,
     scan_id: Annotated[str | None, typer.Option(help="Scan id (default: file stem).")] = None,
     frames_per_shard: ShardOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing store.")] = False,
+    overwrite: OverwriteAlias = False,
 ) -> None:
     """Ingest one scan file into a Zarr scan store (streamed, checked, converted)."""
+    from ptyinr import store as scan_store
     from ptyinr.ingest import ingest_file
 
     try:
@@ -136,7 +208,7 @@ def ingest(
                     options={"entry": entry} if entry else None,
                     scan_id=scan_id,
                     frames_per_shard=frames_per_shard,
-                    overwrite=overwrite,
+                    overwrite=force or overwrite,
                 )
             except InputError:
                 raise
@@ -166,8 +238,13 @@ def ingest_archive(
     entry: EntryOpt = None,
     frames_per_shard: ShardOpt = None,
     parallel: Annotated[
-        str, typer.Option(help="processes (Dask LocalCluster), threads or sync.")
-    ] = "processes",
+        str,
+        choice_option(
+            Parallel,
+            "--parallel",
+            help="Run files in processes (Dask LocalCluster), threads, or one by one (sync).",
+        ),
+    ] = Parallel.processes.value,
     workers: Annotated[int | None, typer.Option(help="Parallel files (default: cores).")] = None,
 ) -> None:
     """Ingest many files in parallel: one store each plus a catalog; exit 2 if any failed."""
@@ -194,7 +271,7 @@ def ingest_archive(
                 conversions=conv,
                 options={"entry": entry} if entry else None,
                 frames_per_shard=frames_per_shard,
-                parallel=parallel,
+                parallel=str(parse_choice(Parallel, parallel, "--parallel")),
                 n_workers=workers,
             )
     except InputError as exc:
@@ -263,7 +340,10 @@ def catalog(
 
 def scan_facts(ds) -> dict[str, Any]:
     """Summary plus scan extent and overlap (the paper's ratio: 1 - step / frame width)."""
+    import numpy as np
     from scipy.spatial import cKDTree
+
+    from ptyinr import store as scan_store
 
     facts = scan_store.store_summary(ds)
     shape = tuple(facts["frame_shape"])
@@ -281,8 +361,8 @@ def scan_facts(ds) -> dict[str, Any]:
     return facts
 
 
-def _print_summary(ds) -> None:
-    f = scan_facts(ds)
+def _print_summary(ds, facts: dict[str, Any] | None = None) -> None:
+    f = facts if facts is not None else scan_facts(ds)
     table = Table(title=f"scan {f['scan_id']}", show_header=False)
     table.add_column("key")
     table.add_column("value", overflow="fold")
@@ -324,6 +404,9 @@ def plot_store(ds, outdir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ptyinr import store as scan_store
 
     outdir.mkdir(parents=True, exist_ok=True)
     sid = ds.attrs.get("scan_id") or "scan"
@@ -361,16 +444,23 @@ def info(
     plot: Annotated[
         Path | None, typer.Option(help="Directory for PNGs of positions and mean pattern.")
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Summarise a scan store: frames, geometry, pixel size, extent, overlap; --plot PNGs."""
+    from ptyinr import store as scan_store
+
     try:
         ds = scan_store.open_scan_store(store_path)
-        _print_summary(ds)
-        if plot is not None:
-            for p in plot_store(ds, plot):
-                out.print(f"wrote {p}", highlight=False)
+        facts = scan_facts(ds)
+        plots = plot_store(ds, plot) if plot is not None else []
     except InputError as exc:
         raise _fail(exc) from None
+    if as_json:
+        print_json({**facts, "plots": [str(p) for p in plots]})
+        return
+    _print_summary(ds, facts)
+    for p in plots:
+        out.print(f"wrote {p}", highlight=False)
 
 
 def _pair(text: str | None, name: str) -> tuple[int, int] | None:
@@ -393,18 +483,30 @@ def preprocess(
     frame_size: Annotated[
         str | None, typer.Option(help="Crop/pad size before binning: N or NY,NX.")
     ] = None,
-    centre: Annotated[str, typer.Option(help="com, none, or Y,X pixel.")] = "com",
-    binning: Annotated[int, typer.Option(help="Sum b x b pixels.")] = 1,
-    use_mask: Annotated[bool, typer.Option("--mask/--no-mask")] = True,
-    detect_bad_pixels: Annotated[bool, typer.Option("--detect-bad-pixels")] = False,
+    centre: Annotated[
+        str, typer.Option(help="Recentre on the centre of mass (com), not at all (none), or Y,X.")
+    ] = "com",
+    binning: Annotated[int, typer.Option(min=1, help="Sum b x b pixels.")] = 1,
+    use_mask: Annotated[
+        bool, typer.Option("--mask/--no-mask", help="Apply the store's detector mask.")
+    ] = True,
+    detect_bad_pixels: Annotated[
+        bool,
+        typer.Option(
+            "--detect-bad-pixels",
+            help="Also mask dead, hot and saturated pixels found from the frame statistics.",
+        ),
+    ] = False,
     background: Annotated[float, typer.Option(help="Constant background counts.")] = 0.0,
     threshold: Annotated[float, typer.Option(help="Zero values below this.")] = 0.0,
     scale: Annotated[float, typer.Option(help="Multiply by this last.")] = 1.0,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing preprocessed array.")
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing preprocessed array.")
     ] = False,
+    overwrite: OverwriteAlias = False,
 ) -> None:
     """Write a `preprocessed` array into the store (raw intensities untouched)."""
+    from ptyinr import store as scan_store
     from ptyinr.preprocess import PreprocessOptions, write_preprocessed
 
     try:
@@ -425,7 +527,7 @@ def preprocess(
             threshold=threshold,
             scale=scale,
         )
-        ds = write_preprocessed(store_path, opts, overwrite=overwrite)
+        ds = write_preprocessed(store_path, opts, overwrite=force or overwrite)
     except InputError as exc:
         raise _fail(exc) from None
     a = ds[scan_store.PREPROCESSED].attrs

@@ -4,7 +4,10 @@ hyper-parameter grid, with a summary), results (what a store holds).
 All three drive `ptyinr.graph` on the cluster `--cluster` names (`ptyinr.cluster.connect`:
 local by default, `slurm:PROFILE`, or a scheduler address). Exit status: 0 when every run is
 complete, 1 when any run failed (each failure is printed, recorded in its store when possible
-and, for scans, in the summary), 2 for a mistake in the command line or config.
+and, for scans, in the summary), 2 for a mistake in the command line or config. With --json,
+stdout holds only the JSON; progress and failures stay on stderr.
+
+ptyinr.graph (torch, dask, distributed) is imported when a command runs, not for `--help`.
 """
 
 from __future__ import annotations
@@ -14,27 +17,33 @@ import glob
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ptyinr import graph, store
-from ptyinr.cli.common import ProbeGuessOption, console, probe_guess_overrides, user_errors
-from ptyinr.config import ReconstructionConfig, load_config, parse_override
+from ptyinr.cli.common import (
+    ConfigOption,
+    JsonOption,
+    ProbeGuessOption,
+    SetOption,
+    console,
+    print_json,
+    probe_guess_overrides,
+    user_errors,
+)
 from ptyinr.errors import InputError
+
+if TYPE_CHECKING:
+    from ptyinr import graph
 
 progress_console = Console(stderr=True)
 
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="override a config value: section.key=value (repeatable)"),
-]
-ConfigOption = Annotated[
-    str | None, typer.Option("--config", help="TOML file or preset name (see configs/)")
-]
+# ptyinr.graph.DEFAULT_RETRIES, here so `--help` shows it without importing the graph (tested).
+DEFAULT_RETRIES = 2
+
 ClusterOption = Annotated[
     str,
     typer.Option(
@@ -85,7 +94,7 @@ BinningOption = Annotated[
 RetriesOption = Annotated[
     int, typer.Option("--retries", min=0, help="retries of a task that raised an unexpected error")
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", help="no live progress display")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no live progress display")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +142,8 @@ def _execute(
     quiet: bool,
     insecure: bool = False,
 ) -> list[graph.RunOutcome]:
+    from ptyinr import graph
+
     with _connect(cluster, workers, insecure) as client:
         return graph.run_graph(
             client, specs, retries=retries, console=None if quiet else progress_console
@@ -154,7 +165,33 @@ def _number(value: float, fmt: str = ".3g") -> str:
 
 
 def _resolution_text(o: graph.RunOutcome) -> str:
+    from ptyinr import graph
+
     return graph.format_resolution(o)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def outcome_json(o: graph.RunOutcome) -> dict[str, Any]:
+    """One run's outcome for --json: what the table shows, numbers as numbers (null: none)."""
+    return {
+        "store": str(o.store),
+        "run_id": o.run_id,
+        "status": o.status,
+        "reason": o.reason,
+        "stage": o.stage,
+        "recorded": o.recorded,
+        "resolution": _finite(o.resolution),
+        "resolution_unit": o.resolution_unit,
+        "resolved_to_nyquist": o.resolved_to_nyquist,
+        "pixel_size": _finite(o.pixel_size),
+        "final_loss": _finite(o.final_loss),
+        "wall_seconds": _finite(o.wall_seconds),
+        "figures_dir": o.figures_dir,
+        "label": dict(o.label),
+    }
 
 
 def _exit_for(outcomes: list[graph.RunOutcome]) -> None:
@@ -189,14 +226,17 @@ def run(
     preprocess: PreprocessOption = False,
     frame_size: FrameSizeOption = None,
     binning: BinningOption = 1,
-    retries: RetriesOption = graph.DEFAULT_RETRIES,
+    retries: RetriesOption = DEFAULT_RETRIES,
     quiet: QuietOption = False,
     probe_guess: ProbeGuessOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Reconstruct each store and estimate its resolution (FRC), as one Dask graph.
 
     Per store: full reconstruction, two half-scan reconstructions, FRC between the halves,
     figures; results go to STORE/reconstructions/<run_id> (halves under half_a, half_b)."""
+    from ptyinr import graph
+    from ptyinr.config import load_config
     from ptyinr.reconstruct import new_run_id, resolve_config
 
     with user_errors():
@@ -232,6 +272,10 @@ def run(
                 )
             )
         outcomes = _execute(cluster, workers, specs, retries, quiet, insecure)
+    if as_json:
+        print_json([outcome_json(o) for o in outcomes])
+        _exit_for(outcomes)
+        return
     table = Table(title="ptyinr run")
     for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
         table.add_column(col, overflow="fold")
@@ -258,6 +302,8 @@ def run(
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     """`key=v1,v2,...` items -> [(key, [values...])], values parsed as TOML literals."""
+    from ptyinr.config import parse_override
+
     grid: list[tuple[str, list[Any]]] = []
     seen: set[str] = set()
     for item in items:
@@ -317,22 +363,29 @@ def scan(
     insecure: InsecureOption = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="folder for summary.zarr and summary.csv"),
+        typer.Option(
+            "--out",
+            "-o",
+            help="folder for summary.zarr and summary.csv (default: ptyinr-scan-<time>)",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="redo runs already complete")] = False,
     figures_dir: FiguresOption = None,
     preprocess: PreprocessOption = False,
     frame_size: FrameSizeOption = None,
     binning: BinningOption = 1,
-    retries: RetriesOption = graph.DEFAULT_RETRIES,
+    retries: RetriesOption = DEFAULT_RETRIES,
     quiet: QuietOption = False,
     probe_guess: ProbeGuessOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Run every store x every grid configuration as one Dask graph, and summarise them.
 
     The summary (summary.zarr, summary.csv, a table) has the FRC resolution, final loss and
     time of each run, the best configuration of each store marked. Run ids come from the
     configuration (cfg-<hash>): a re-run skips completed runs (unless --force)."""
+    from ptyinr import graph
+    from ptyinr.config import ReconstructionConfig, load_config
     from ptyinr.reconstruct import resolve_config
 
     with user_errors():
@@ -369,12 +422,20 @@ def scan(
         outcomes = _execute(cluster, workers, specs, retries, quiet, insecure)
         summary = graph.scan_summary(outcomes, stores, parsed)
         paths = graph.save_summary(summary, out_dir)
+    if as_json:
+        best = graph.best_per_dataset(outcomes)
+        runs = [{**outcome_json(o), "best": i in best} for i, o in enumerate(outcomes)]
+        print_json({"summary": {k: str(v) for k, v in paths.items()}, "runs": runs})
+        _exit_for(outcomes)
+        return
     console.print(_scan_table(outcomes, parsed))
     console.print(f"summary: {paths['zarr']} and {paths['csv']}", highlight=False)
     _exit_for(outcomes)
 
 
 def _scan_table(outcomes: list[graph.RunOutcome], grid: list[tuple[str, list[Any]]]) -> Table:
+    from ptyinr import graph
+
     best = graph.best_per_dataset(outcomes)
     stores = list(dict.fromkeys(o.store for o in outcomes))
     names = dict(zip(stores, graph.dataset_names(stores), strict=True))
@@ -418,6 +479,8 @@ def config_summary(config: dict[str, Any] | None) -> str:
     """The keys of a stored config that differ from the defaults, as key=value."""
     if not isinstance(config, dict):
         return "-"
+    from ptyinr.config import ReconstructionConfig
+
     defaults = _flatten(ReconstructionConfig().model_dump())
     given = _flatten(config)
     diff = [
@@ -430,9 +493,11 @@ def config_summary(config: dict[str, Any] | None) -> str:
 
 def results(
     stores: Annotated[list[Path], typer.Argument(metavar="STORE...", help="scan stores")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List the runs in each store: status, FRC resolution, final loss, created, config."""
+    from ptyinr import graph, store
+
     with user_errors():
         listing = []
         for path in stores:
@@ -454,7 +519,7 @@ def results(
             }
             for path, run, o in listing
         ]
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     table = Table(title="runs")
     for col in ("store", "run", "status", "resolution", "final loss", "created", "config"):

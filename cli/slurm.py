@@ -17,9 +17,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ptyinr.cli.common import fail
+from ptyinr.cli.common import JsonOption, fail, print_json
 from ptyinr.errors import InputError
 
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -43,28 +44,51 @@ profiles_app = typer.Typer(
 
 
 @profiles_app.callback()
-def profiles(ctx: typer.Context) -> None:
+def profiles(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the profiles usable with --cluster slurm:NAME and where each comes from."""
     if ctx.invoked_subcommand is not None:
         return
     from ptyinr.cluster import available_profiles, load_profile, profile_dirs
 
-    table = Table("profile", "cores", "memory", "walltime", "GPU", "jobs", "file")
+    rows: list[dict[str, Any]] = []
     for name, path in available_profiles().items():
         try:
             prof = load_profile(str(path))
         except InputError as exc:
-            table.add_row(name, "", "", "", "", "", f"[red]invalid: {exc}[/red]")
+            rows.append({"profile": name, "file": str(path), "error": str(exc)})
             continue
         jq, opt = prof.jobqueue, prof.options
+        rows.append(
+            {
+                "profile": name,
+                "cores": jq.get("cores"),
+                "memory": jq.get("memory"),
+                "walltime": jq.get("walltime"),
+                "gpus": prof.has_gpus,
+                "minimum_jobs": opt["minimum_jobs"],
+                "maximum_jobs": opt["maximum_jobs"],
+                "file": str(path),
+                "error": None,
+            }
+        )
+    if as_json:
+        print_json({"profiles": rows, "searched": [str(d) for d in profile_dirs()]})
+        return
+    table = Table("profile", "cores", "memory", "walltime", "GPU", "jobs", "file")
+    for row in rows:
+        if row["error"]:
+            table.add_row(
+                row["profile"], "", "", "", "", "", f"[red]invalid: {escape(row['error'])}[/red]"
+            )
+            continue
         table.add_row(
-            name,
-            str(jq.get("cores")),
-            str(jq.get("memory")),
-            str(jq.get("walltime", "")),
-            "yes" if prof.has_gpus else "no",
-            f"{opt['minimum_jobs']}-{opt['maximum_jobs']}",
-            str(path),
+            row["profile"],
+            str(row["cores"]),
+            str(row["memory"]),
+            str(row["walltime"] or ""),
+            "yes" if row["gpus"] else "no",
+            f"{row['minimum_jobs']}-{row['maximum_jobs']}",
+            row["file"],
         )
     _console.print(table)
     _console.print(
@@ -266,10 +290,22 @@ def _list_runs_hook() -> Any:
     return list_runs
 
 
+def _runs_of(store: Path) -> list[dict[str, Any]] | None:
+    """The runs recorded in `store` (None where the store API is not available)."""
+    list_runs = _list_runs_hook()
+    if list_runs is None:
+        return None
+    return [run if isinstance(run, dict) else {"run_id": str(run)} for run in list_runs(store)]
+
+
 def status(
     stores: list[Path] = typer.Argument(None, help="scan stores whose runs to list as well"),
+    as_json: JsonOption = False,
 ) -> None:
-    """Show your ptyinr SLURM jobs (drivers and workers) and the runs in the given stores."""
+    """Show your ptyinr SLURM jobs (drivers and workers) and the runs in the given stores.
+
+    With --json: {"jobs": [...] or null without SLURM, "stores": {STORE: \\[runs]}}."""
+    document: dict[str, Any] = {"jobs": None, "stores": {}}
     if shutil.which("squeue") is None:
         _err.print("squeue not found on PATH: no SLURM jobs to show", highlight=False)
     else:
@@ -277,28 +313,40 @@ def status(
             rows = _squeue(getpass.getuser())
         except (InputError, subprocess.TimeoutExpired) as exc:
             raise _fail(InputError(str(exc))) from None
-        table = Table("job", "name", "state", "time", "limit", "reason/node", "driver")
         for r in rows:
             driver = r.get("comment", "").removeprefix("ptyinr-driver-")
-            driver = driver if driver.isdigit() else ""
-            table.add_row(
-                r["id"], r["name"], r["state"], r["time"], r["limit"], r["reason"], driver
-            )
-        _console.print(table if rows else "no ptyinr jobs in the queue")
-    if not stores:
-        return
-    list_runs = _list_runs_hook()
-    if list_runs is None:
-        _err.print("run states need ptyinr.store.list_runs, not in this version", highlight=False)
-        return
-    for store in stores:
+            r["driver"] = driver if driver.isdigit() else None
+        document["jobs"] = rows
+    for store in stores or []:
         try:
-            runs = list(list_runs(store))
+            document["stores"][str(store)] = _runs_of(store)
         except InputError as exc:
             raise _fail(exc) from None
-        table = Table("run", "status", "created", "resolution", title=str(store))
+    if as_json:
+        print_json(document)
+        return
+    if document["jobs"] is not None:
+        rows = document["jobs"]
+        table = Table("job", "name", "state", "time", "limit", "reason/node", "driver")
+        for r in rows:
+            table.add_row(
+                r["id"],
+                r["name"],
+                r["state"],
+                r["time"],
+                r["limit"],
+                r["reason"],
+                r["driver"] or "",
+            )
+        _console.print(table if rows else "no ptyinr jobs in the queue")
+    for store, runs in document["stores"].items():
+        if runs is None:
+            _err.print(
+                "run states need ptyinr.store.list_runs, not in this version", highlight=False
+            )
+            return
+        table = Table("run", "status", "created", "resolution", title=store)
         for run in runs:
-            run = run if isinstance(run, dict) else {"run_id": str(run)}
             resolution = next(
                 (run[k] for k in ("resolution_m", "resolution_px", "resolution") if k in run), ""
             )

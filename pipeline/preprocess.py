@@ -271,7 +271,7 @@ def write_preprocessed(
     path = Path(path)
     ds = scan_store.open_scan_store(path)
     if scan_store.PREPROCESSED in ds and not overwrite:
-        raise StoreError(f"{path}: array 'preprocessed' exists; expected --overwrite to replace it")
+        raise StoreError(f"{path}: array 'preprocessed' exists; expected --force to replace it")
     data, mask = preprocess(ds, options, progress=progress)
     raw = zarr.open_group(str(path), mode="r")[scan_store.INTENSITIES]
     fps = int((raw.shards or raw.chunks)[0])

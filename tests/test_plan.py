@@ -90,6 +90,7 @@ _CHILD = textwrap.dedent(
         return int(line.split()[1]) * 1024
 
     a = torch.randn(256, 256); (a @ a).sum()  # thread pools and kernels up before the baseline
+    import ptyinr.reconstruct, ptyinr.figures  # the command's imports as it starts: not its memory
     base = status("VmRSS")
     try:
         app(sys.argv[1:], standalone_mode=False)

@@ -118,7 +118,7 @@ def ingest_file(
     out = Path(out)
     where = str(src_path)
     if out.exists() and not overwrite:
-        raise IngestError(f"{out}: already exists; expected a new store path (or --overwrite)")
+        raise IngestError(f"{out}: already exists; expected a new store path (or --force)")
     keys = dict(keys or {})
     options = dict(options or {})
     fmt = detect_format(src_path) if format == "auto" else format
@@ -228,7 +228,7 @@ def ingest_file(
             if out.exists() and not overwrite:
                 raise IngestError(
                     f"{out}: already exists (created meanwhile); expected a new store path "
-                    "(or --overwrite)"
+                    "(or --force)"
                 )
             scan_store.move_into_place(partial, out)
             return out
