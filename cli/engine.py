@@ -7,6 +7,7 @@ import: `ptyinr --help` imports this module (see ptyinr.cli.main).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -338,56 +339,53 @@ RunIdOption = Annotated[
 def evaluate(
     store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr", help="scan store")],
     run_id: RunIdOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            show_default=False,
+            help="folder for comparison.png (default: <store>.figures/<run_id>/ beside the store)",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     run_alias: RunAlias = None,
 ) -> None:
-    """Quality of a run against the store's ground truth (simulated stores)."""
-    import numpy as np
-
-    from ptyinr import evaluate as ev
-    from ptyinr import store
+    """Quality of a run against the store's ground truth (simulated stores), and a figure of
+    truth, aligned estimate and their difference."""
+    from ptyinr import figures
+    from ptyinr.graph import default_figures_dir
 
     with user_errors():
         run = existing_run_id(run_id, run_alias)
-        ds = store.open_scan_store(store_path)
-        result = _open_run_checked(store_path, run)
-        if "true_object" not in ds:
-            raise InputError(
-                f"{store_path}: no ground truth (true_object); evaluate needs a simulated store. "
-                "For measured data use the FRC of `ptyinr run`."
-            )
-        obj = result["object"].load()
-        origin = np.asarray(result.attrs.get("origin_px", [0, 0]), dtype=np.float64)
-        frame = (result.sizes["probe_y"], result.sizes["probe_x"])
-        centres = store.positions_px(ds, frame) - origin
-        if "positions_used" in result.attrs:
-            centres = centres[np.asarray(result.attrs["positions_used"], dtype=int)]
-        interior = ev.scanned_interior(obj.shape, centres)
-        known = bool(result.attrs.get("known_probe"))
-        scores = ev.compare_object(
-            obj, ds["true_object"].load(), mask=interior, remove_ramp=not known
+        _open_run_checked(store_path, run)
+        evaluation, paths = figures.save_run_evaluation(
+            store_path, run, out or default_figures_dir(store_path, run)
         )
-        if "true_probe" in ds:
-            scores.update(
-                ev.compare_probe(
-                    result["probe"].values, ds["true_probe"].values, remove_ramp=not known
-                )
-            )
     if as_json:
-        print_json(scores)
+        print_json(evaluation.scores)
     else:
-        console.print(_quality_table(scores, f"{store_path.name}: run {run}"))
+        console.print(_quality_table(evaluation.scores, f"{store_path.name}: run {run}"))
+    for p in paths:  # stdout holds only the JSON when asked for it
+        print(str(p), file=sys.stderr if as_json else sys.stdout)
 
 
-def _write_figures(store_path: Path, run: str, out: Path) -> list[Path]:
+def _write_figures(store_path: Path, run: str, out: Path, *, unwrap: bool = False) -> list[Path]:
+    """The run's figures; of a running run (train.snapshot_every > 0), its latest snapshot."""
     from ptyinr import figures
+    from ptyinr.reconstruct import open_latest
 
-    result = _open_run_checked(store_path, run).load()
+    _open_run_checked(store_path, run)
+    result = open_latest(store_path, run).load()
+    title = f"run {run}"
+    if "snapshot_epoch" in result.attrs:
+        title += f" (running: snapshot at epoch {result.attrs['snapshot_epoch']}"
+        title += f" of {result.attrs.get('epochs', '?')})"
     out.mkdir(parents=True, exist_ok=True)
-    paths = figures.save_object_figures(result["object"], out, title=f"run {run}")
-    paths += figures.save_probe_figure(result["probe"], out, title=f"run {run}")
+    paths = figures.save_object_figures(result["object"], out, title=title, unwrap=unwrap)
+    paths += figures.save_probe_figure(result["probe"], out, title=title)
     paths += figures.save_loss_figure(
-        result["loss"], out, title=f"run {run}", validation=result.attrs.get("validation")
+        result["loss"], out, title=title, validation=result.attrs.get("validation")
     )
     if "frc" in result:
         paths += figures.save_frc_figure(result[["frc", "half_bit_threshold"]], out)
@@ -398,12 +396,20 @@ def show(
     store_path: Annotated[Path, typer.Argument(metavar="STORE.zarr", help="scan store")],
     run_id: RunIdOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNGs")] = Path("figures"),
+    unwrap: Annotated[
+        bool,
+        typer.Option(
+            "--unwrap",
+            help="also phase_unwrapped.png (scikit-image unwrap_phase), for phases that wrap",
+        ),
+    ] = False,
     run_alias: RunAlias = None,
 ) -> None:
-    """Write PNGs of a run: amplitude, phase, probe, loss (and FRC when computed)."""
+    """Write PNGs of a run: amplitude, phase, probe, loss (and FRC when computed); of a run
+    still running, its latest snapshot (train.snapshot_every)."""
     with user_errors():
         run = existing_run_id(run_id, run_alias)
-        paths = _write_figures(store_path, run, out)
+        paths = _write_figures(store_path, run, out, unwrap=unwrap)
     for p in paths:
         console.print(str(p))
 

@@ -143,13 +143,22 @@ def test_simulate_reconstruct_evaluate_show(tiny):
     assert scores["relative_error"] == pytest.approx(
         runs["r1"]["quality"]["relative_error"], rel=1e-6
     )
+    # the comparison figure, beside the store by default, named on stderr under --json
+    comparison = (
+        path.parent / f"{path.name.removesuffix('.zarr')}.figures" / "r1" / "comparison.png"
+    )
+    assert comparison.is_file() and str(comparison) in result.stderr
+    result = invoke("evaluate", path, "--run-id", "r1", "--out", tiny["root"] / "eval")
+    assert result.exit_code == 0, result.output
+    assert (tiny["root"] / "eval" / "comparison.png").is_file()
 
     out = tiny["root"] / "figures"
-    result = invoke("show", path, "--run", "r1", "--out", out)
+    result = invoke("show", path, "--run", "r1", "--out", out, "--unwrap")
     assert result.exit_code == 0, result.output
     pngs = sorted(out.glob("*.png"))
     names = " ".join(p.name for p in pngs)
     assert len(pngs) >= 3 and all(w in names for w in ("amplitude", "phase", "probe", "loss"))
+    assert "phase_unwrapped" in names
     for png in pngs:
         assert matplotlib.image.imread(png).ndim == 3  # a real image
 
