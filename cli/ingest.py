@@ -156,7 +156,12 @@ DupOpt = Annotated[
         help="Accept repeated positions (e.g. repeated exposures), or refuse them.",
     ),
 ]
-EntryOpt = Annotated[str | None, typer.Option(help="CXI entry group (default entry_1).")]
+EntryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="entry group: CXI (default entry_1) or NeXus (default: the NXptycho NXentry)"
+    ),
+]
 ShardOpt = Annotated[int | None, typer.Option(help="Frames per Zarr shard (default ~32 MB).")]
 
 
