@@ -1,5 +1,11 @@
 """`ptyinr nn`: PtychoNN models trained on completed runs (ptyinr.ptychonn_train), for fast
-previews (`ptyinr run STORE --set model.method=ptychonn --set model.ptychonn_model=MODEL`)."""
+previews (`ptyinr run STORE --set model.method=ptychonn --set model.ptychonn_model=MODEL`),
+and `ptyinr preview 'archive/*.zarr' --train-from A.zarr:RUN`, the common case in one
+command: train the model when it is missing, then preview every matching store.
+
+Nothing heavy is imported here (torch, xarray, the graph): `ptyinr --help` stays fast; the
+commands import what they use when they run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ptyinr.cli.common import console, user_errors
+from ptyinr.cli.common import console, err_console, user_errors
 
 nn_app = typer.Typer(
     help="PtychoNN previews: train a CNN on completed runs, inspect a model.",
@@ -52,6 +58,27 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    ] = "auto",
+    checkpoint_every: Annotated[
+        int, typer.Option(min=0, help="epochs between checkpoints (.<out>.checkpoint); 0 = none")
+    ] = 1,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="continue an interrupted training of the same options from its checkpoint",
+        ),
+    ] = True,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="train as one Dask task asking for a GPU (where workers have one): local, "
+            "slurm:PROFILE or a scheduler address; default: in this process",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing model folder")
     ] = False,
@@ -66,6 +93,8 @@ def train(
             raise InputError(f"--fraction {fraction}: expected a share in (0, 1]")
         if input_mode not in ("crop", "bin"):
             raise InputError(f"--input-mode {input_mode!r}: expected crop or bin")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"--precision {precision!r}: expected auto, fp32 or bf16")
         options = TrainOptions(
             fraction=fraction,
             validation_fraction=validation_fraction,
@@ -80,9 +109,73 @@ def train(
             input_mode=input_mode,
             channels=channels,
             depth=depth,
+            precision=precision,
+            checkpoint_every=checkpoint_every,
         )
-        artifact = train_ptychonn(sources, out, options, force=force, progress=not quiet)
-    _print_summary(out, artifact.record)
+        if cluster is None:
+            record = train_ptychonn(
+                sources, out, options, force=force, progress=not quiet, resume=resume
+            ).record
+        else:
+            record = _train_on_cluster(cluster, sources, out, options, force, resume, quiet)
+    _print_summary(out, record)
+
+
+def _train_on_cluster(
+    cluster: str,
+    sources: list[str],
+    out: Path,
+    options: object,
+    force: bool,
+    resume: bool,
+    quiet: bool,
+) -> dict:
+    """Submit `ptychonn_train.train_task` to the cluster as one task, asking for one GPU
+    where the workers have GPUs (`cluster.task_resources`, as reconstructions do), one retry
+    (which resumes from the checkpoint); the saved model's record."""
+    from uuid import uuid4
+
+    from ptyinr.cli.run import _connect
+    from ptyinr.cluster import parse_cluster_spec, task_resources
+    from ptyinr.errors import InputError
+    from ptyinr.ptychonn_data import parse_source
+    from ptyinr.ptychonn_train import checkpoint_dir, train_task
+
+    out = out.expanduser().resolve()  # workers may start elsewhere
+    if out.exists() and not force:
+        raise InputError(f"ptychonn model {str(out)!r}: exists; use --force to replace it")
+    absolute = []
+    for text in sources:
+        path, run = parse_source(text)
+        if not path.exists():
+            raise InputError(f"{text!r}: store {str(path)!r} not found")
+        absolute.append(f"{path.expanduser().resolve()}:{run}")
+    if not resume:
+        import shutil
+
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    # one task: one local worker, or at most one SLURM job; an existing cluster as it is
+    workers = None if parse_cluster_spec(cluster).kind == "address" else 1
+    with _connect(cluster, workers) as client:
+        resources = task_resources(client) or None
+        if not quiet:
+            err_console.print(
+                f"nn train: one task on {cluster}"
+                + (f", resources {resources}" if resources else " (no GPU workers)"),
+                highlight=False,
+            )
+        future = client.submit(
+            train_task,
+            absolute,
+            str(out),
+            options,
+            force,
+            resources=resources,
+            retries=1,
+            pure=False,
+            key=f"ptychonn-train-{out.name}-{uuid4().hex[:8]}",
+        )
+        return future.result()
 
 
 @nn_app.command("info")
@@ -137,5 +230,186 @@ def _print_summary(path: Path, record: dict) -> None:
     console.print(escape("\n".join(lines)), highlight=False, soft_wrap=True)
 
 
+def default_model_path(train_from: list[str]) -> Path:
+    """Where `preview` keeps the model of its first training run when --model is not given:
+    next to that store, `ptychonn-<store>-<run>` (found again by the next preview)."""
+    store, _, run = train_from[0].rpartition(":")
+    path = Path(store).expanduser()
+    return path.parent / f"ptychonn-{path.name.removesuffix('.zarr')}-{run}"
+
+
+def preview(
+    patterns: Annotated[
+        list[str],
+        typer.Argument(metavar="STORE...", help="scan stores or glob patterns ('archive/*.zarr')"),
+    ],
+    train_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train-from",
+            metavar="STORE:RUN",
+            help="completed run(s) to train on when the model does not exist yet (repeatable)",
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="model folder: used when it exists, else trained into; default "
+            "ptychonn-<store>-<run> next to the first --train-from store",
+        ),
+    ] = None,
+    fraction: Annotated[
+        float, typer.Option(help="when training: share of each run's positions used")
+    ] = 0.2,
+    epochs: Annotated[int, typer.Option(min=1, help="when training: most epochs")] = 60,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (training and previews)")] = (
+        "auto"
+    ),
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", help="name of the preview runs (default: preview-<timestamp>)"),
+    ] = None,
+    no_frc: Annotated[
+        bool, typer.Option("--no-frc", help="skip the half-scan previews and the FRC")
+    ] = False,
+    cluster: Annotated[
+        str, typer.Option("--cluster", help="where previews run: local, slurm:PROFILE, address")
+    ] = "local",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="local: workers; slurm: max jobs")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
+) -> None:
+    """Preview every matching store with PtychoNN: train the model first when it is missing
+    (--train-from), then one `ptychonn` run per store (object, probe, FRC resolution).
+
+    A store that does not fit the model (frames, pixel size, energy) or cannot be read is
+    reported and skipped; the others are previewed. Exit status 1 when any store failed, 2
+    for a mistake in the command line (nothing matched, no model and nothing to train on)."""
+    from ptyinr.cli.run import expand_stores
+
+    with user_errors():
+        stores = expand_stores(patterns)
+        path = _preview_model(model, train_from, fraction, epochs, device, threads, quiet)
+    bad, specs = _preview_specs(stores, path, device, threads, run_id, no_frc)
+    outcomes = []
+    if specs:
+        from ptyinr.cli.run import _execute
+
+        with user_errors():
+            outcomes = _execute(cluster, workers, specs, retries=0, quiet=quiet)
+    _preview_table(bad, outcomes)
+    failed = len(bad) + sum(o.status == "failed" for o in outcomes)
+    if failed:
+        err_console.print(
+            f"[bold red]{failed} of {len(stores)} store(s) not previewed[/]", highlight=False
+        )
+        raise typer.Exit(1)
+
+
+def _preview_model(
+    model: Path | None,
+    train_from: list[str] | None,
+    fraction: float,
+    epochs: int,
+    device: str,
+    threads: int,
+    quiet: bool,
+) -> Path:
+    """The model folder: the existing one (checked readable), or trained from --train-from."""
+    from ptyinr.errors import InputError
+
+    train_from = list(train_from or [])
+    if model is None and not train_from:
+        raise InputError("preview: expected --model MODEL (existing) or --train-from STORE:RUN")
+    path = (model or default_model_path(train_from)).expanduser().resolve()
+    if path.exists():
+        from ptyinr.models.ptychonn import read_record
+
+        read_record(path)  # one line when it is not a model
+        if not quiet:
+            err_console.print(f"preview: model {path}", highlight=False)
+        return path
+    if not train_from:
+        raise InputError(f"--model {str(path)!r}: not found, and no --train-from to train it")
+    if not 0 < fraction <= 1:
+        raise InputError(f"--fraction {fraction}: expected a share in (0, 1]")
+    from ptyinr.ptychonn_train import TrainOptions, train_ptychonn
+
+    if not quiet:
+        err_console.print(f"preview: training {path} on {', '.join(train_from)}", highlight=False)
+    options = TrainOptions(fraction=fraction, epochs=epochs, device=device, threads=threads)
+    train_ptychonn(train_from, path, options, progress=not quiet)
+    return path
+
+
+def _preview_specs(
+    stores: list[Path],
+    model: Path,
+    device: str,
+    threads: int,
+    run_id: str | None,
+    no_frc: bool,
+) -> tuple[list[tuple[Path, str]], list]:
+    """The graph's run specs of the stores that fit the model, and (store, reason) of those
+    that do not (checked from metadata, before anything runs)."""
+    from ptyinr import graph
+    from ptyinr.config import load_config
+    from ptyinr.engines.ptychonn import PtychoNNEngine
+    from ptyinr.errors import ConfigError, InputError
+    from ptyinr.reconstruct import new_run_id, resolve_config
+
+    with user_errors():
+        overrides = [
+            "model.method=ptychonn",
+            f"model.ptychonn_model={json.dumps(str(model))}",
+            f"train.device={device}",
+            f"train.threads={threads}",
+        ]
+        config = resolve_config(load_config(overrides=overrides))
+        rid = run_id or f"preview-{new_run_id()}"
+        if not rid.strip() or "/" in rid or rid.startswith(".") or rid != rid.strip():
+            raise InputError(f"--run-id {rid!r}: expected a non-empty name without '/'")
+    bad, specs = [], []
+    for path in stores:
+        try:
+            PtychoNNEngine.check_store(config, path)
+        except (InputError, ConfigError) as exc:
+            bad.append((path, str(exc)))
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(path))}: {escape(str(exc))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            continue
+        specs.append(graph.RunSpec(store=path, config=config, run_id=rid, frc=not no_frc))
+    return bad, specs
+
+
+def _preview_table(bad: list[tuple[Path, str]], outcomes: list) -> None:
+    from rich.table import Table
+
+    from ptyinr.cli.run import _number, _resolution_text, _status_text
+
+    table = Table(title="ptyinr preview")
+    for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
+        table.add_column(col, overflow="fold")
+    for path, reason in bad:
+        table.add_row(path.name, "-", f"[red]skipped: {escape(reason)}", "-", "-", "-")
+    for o in outcomes:
+        table.add_row(
+            o.store.name,
+            o.run_id,
+            _status_text(o),
+            _resolution_text(o),
+            _number(o.final_loss),
+            _number(o.wall_seconds, ".1f"),
+        )
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(nn_app, name="nn")
+    app.command("preview")(preview)

@@ -5,10 +5,23 @@ share `fraction` of each run's positions, split into training and validation by 
 blocks), fits the network (ptyinr.models.ptychonn) with Adam and a cosine decay of the
 learning rate (`lr` to `lr * lr_final` over the epochs), measures the validation loss after
 every epoch, keeps the best weights and stops after `patience` epochs without improvement.
+On CUDA the forward pass runs under bf16 autocast (`precision = "auto"`, where the GPU has
+native bf16; the loss and the optimiser stay in float32); on CPU it is float32.
 The loss is the L1 distance of amplitude and of phase (wrapped difference), each pixel
 weighted by the source run's probe intensity (floored at 1 % of its peak): outside the beam
 a single frame says nothing about the object. Progress goes to stderr, one line per epoch.
 Seeds: torch and numpy from `seed`; the same inputs give the same model on the same device.
+
+Checkpoints and resume: after every `checkpoint_every` epochs the state goes to a folder next
+to the model (`.<name>.checkpoint/`): `state.safetensors` (the current and best weights, Adam's
+moment tensors) and `state.json` (epoch, step, best loss, history, the numpy generator's
+state, Adam's hyper-parameters, and a fingerprint of the options and sources). A later
+`train_ptychonn` with the same options and sources continues from it (an interrupted job
+rerun, or a Dask task retried); the result equals an uninterrupted training's. Nothing in it is
+pickled. It is removed once the model is saved.
+
+`train_task` is the same as one Dask task: `ptyinr nn train --cluster ...` submits it asking
+for one GPU where the workers have GPUs (`cluster.task_resources`).
 
 The artifact (`models.ptychonn.save_artifact`) records the architecture, the input
 normalisation, frame shape, pixel size, energy, the source runs (store, run, positions used),
@@ -18,8 +31,13 @@ and the scores: validation loss of the network and of the mean training patch, a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +68,9 @@ from ptyinr.ptychonn_data import (
 
 #: at most this many never-seen positions are scored after training
 MAX_HELD_OUT = 4096
+CHECKPOINT_FORMAT = "ptyinr-ptychonn-checkpoint"
+#: options that do not change the result (so a checkpoint of other values still resumes)
+NOT_FINGERPRINTED = ("device", "threads", "extra", "checkpoint_every")
 
 
 @dataclass
@@ -70,6 +91,8 @@ class TrainOptions:
     input_mode: str = "crop"
     channels: int = 32
     depth: int = 3
+    precision: str = "auto"  # auto: bf16 autocast on CUDA with native bf16, else fp32 | fp32 | bf16
+    checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +114,24 @@ def select_device(name: str) -> torch.device:
     if name not in ("auto", "cpu"):
         raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
     return torch.device("cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the forward pass runs under bf16 autocast: on CUDA with native bf16 only."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"--precision {precision!r}: expected auto, fp32 or bf16")
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not native:
+        raise InputError(
+            f"--precision bf16: needs a CUDA device with native bf16, training runs on {device}"
+        )
+    return precision != "fp32" and native
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _input_size(options: TrainOptions, frame_shape: tuple[int, int]) -> int:
@@ -183,6 +224,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
     mean_patch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Weighted L1 of amplitude and phase (and their sum, `loss`) of the network on
     `dataset`, and of the mean training patch when given (`mean_patch_*`)."""
@@ -196,8 +238,9 @@ def evaluate(
     total = 0.0
     for idx in _batches(len(dataset), batch_size, None):
         x, amp, pha, w = (t.to(device) for t in dataset.batch(idx))
-        pa, pp = network(x)
-        a, p = pair_loss(pa, pp, amp, pha, w)
+        with autocast(device, bf16):
+            pa, pp = network(x)
+        a, p = pair_loss(pa.float(), pp.float(), amp, pha, w)
         weight = float(w.sum())
         sums["amplitude_l1"] += float(a) * weight
         sums["phase_l1"] += float(p) * weight
@@ -235,9 +278,15 @@ def fit_network(
     options: TrainOptions,
     *,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    stop_after: int | None = None,
 ) -> tuple[PtychoNN, dict[str, Any]]:
     """Train with Adam, cosine decay, early stopping on the validation loss; the best
-    network and the training history."""
+    network and the training history. With `checkpoint` (a folder) the state is saved every
+    `options.checkpoint_every` epochs and, when a checkpoint of the same `fingerprint` is
+    there, training continues from it. `stop_after` ends after that epoch as an
+    interruption would (the checkpoint stays; for tests and wall-time-limited jobs)."""
     if len(training.train) == 0:
         raise InputError("nn train: no training positions (raise --fraction)")
     if options.threads > 0:
@@ -245,77 +294,241 @@ def fit_network(
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     device = select_device(options.device)
+    bf16 = use_bf16(options.precision, device)
     network = PtychoNN(training.spec).to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=options.lr)
     steps_per_epoch = math.ceil(len(training.train) / options.batch_size)
     total_steps = max(1, steps_per_epoch * options.epochs)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda step: (
-            options.lr_final
-            + (1 - options.lr_final)
-            * 0.5
-            * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        ),
-    )
+
+    def learning_rate(step: int) -> float:
+        """Cosine decay from lr to lr * lr_final over the epochs."""
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return options.lr * (options.lr_final + (1 - options.lr_final) * cosine)
+
     has_validation = len(training.validation) > 0
-    best_loss, best_state, best_epoch, since_best = math.inf, None, 0, 0
-    history: dict[str, list[float]] = {"train_loss": [], "validation_loss": []}
-    started = time.perf_counter()
-    epoch = 0
-    for epoch in range(1, options.epochs + 1):
+    state = TrainState()
+    if checkpoint is not None and (checkpoint / CHECKPOINT_JSON).exists():
+        state = load_checkpoint(checkpoint, fingerprint, network, optimiser, rng)
+        if progress:
+            print(
+                f"ptychonn: resuming from {checkpoint} after epoch {state.epoch}",
+                file=sys.stderr,
+                flush=True,
+            )
+    started = time.perf_counter() - state.elapsed_s
+    epoch = state.epoch
+    stopped = state.since_best >= options.patience > 0  # a checkpoint of a finished training
+    for epoch in range(state.epoch + 1, 0 if stopped else options.epochs + 1):
         network.train()
         total, count = 0.0, 0
         for idx in _batches(len(training.train), options.batch_size, rng):
             x, amp, pha, w = (t.to(device) for t in training.train.batch(idx))
-            pa, pp = network(x)
-            a, p = pair_loss(pa, pp, amp, pha, w)
+            with autocast(device, bf16):
+                pa, pp = network(x)
+            a, p = pair_loss(pa.float(), pp.float(), amp, pha, w)
             loss = a + p
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(state.step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            schedule.step()
+            state.step += 1
             total += loss.item() * len(idx)
             count += len(idx)
         train_loss = total / max(count, 1)
         if not math.isfinite(train_loss):
             raise InputError(f"nn train: the loss became {train_loss} at epoch {epoch}; lower --lr")
-        history["train_loss"].append(train_loss)
+        state.history["train_loss"].append(train_loss)
         if has_validation:
-            value = evaluate(network, training.validation, device)["loss"]
+            value = evaluate(network, training.validation, device, bf16=bf16)["loss"]
         else:
             value = train_loss
-        history["validation_loss"].append(value)
-        better = value < best_loss
+        state.history["validation_loss"].append(value)
+        better = value < state.best_loss
         if better:
-            best_loss, best_epoch, since_best = value, epoch, 0
-            best_state = copy.deepcopy(
+            state.best_loss, state.best_epoch, state.since_best = value, epoch, 0
+            state.best = copy.deepcopy(
                 {k: v.detach().cpu() for k, v in network.state_dict().items()}
             )
         else:
-            since_best += 1
+            state.since_best += 1
+        state.epoch = epoch
+        state.elapsed_s = time.perf_counter() - started
+        stopped = bool(options.patience and state.since_best >= options.patience)
+        last = stopped or epoch == options.epochs or epoch == stop_after
+        every = options.checkpoint_every
+        if checkpoint is not None and every and (epoch % every == 0 or last):
+            save_checkpoint(checkpoint, fingerprint, state, network, optimiser, rng)
         if progress:
             print(
                 f"ptychonn epoch {epoch}/{options.epochs}: train {train_loss:.4f} "
                 f"validation {value:.4f}{' *' if better else ''} "
-                f"({time.perf_counter() - started:.1f} s)",
+                f"({state.elapsed_s:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-        if options.patience and since_best >= options.patience:
+        if stopped or epoch == stop_after:
             break
-    if best_state is not None:
-        network.load_state_dict(best_state)
+    if state.best is not None:
+        network.load_state_dict(state.best)
     network.eval()
     info = {
         "epochs_run": epoch,
-        "best_epoch": best_epoch,
+        "best_epoch": state.best_epoch,
         "stopped_early": epoch < options.epochs,
         "train_seconds": time.perf_counter() - started,
         "device": str(device),
-        **history,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "resumed_from_epoch": state.resumed_from,
+        **state.history,
     }
     return network, info
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_JSON = "state.json"
+CHECKPOINT_TENSORS = "state.safetensors"
+
+
+@dataclass
+class TrainState:
+    """What training needs to continue where it stopped (besides weights and Adam)."""
+
+    epoch: int = 0
+    step: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    elapsed_s: float = 0.0
+    resumed_from: int = 0
+    best: dict[str, torch.Tensor] | None = None
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {"train_loss": [], "validation_loss": []}
+    )
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the checkpoint of the model `out` lives: `.<name>.checkpoint` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def fingerprint_of(sources: list[RunSource], options: TrainOptions) -> str:
+    """What a checkpoint must have been trained with to be continued: the options that change
+    the result, the runs (store, run id, positions)."""
+    opts = {k: v for k, v in asdict(options).items() if k not in NOT_FINGERPRINTED}
+    runs = [[str(s.store.resolve()), s.run_id, len(s.positions_px)] for s in sources]
+    text = json.dumps({"options": opts, "sources": runs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_checkpoint(
+    folder: Path,
+    fingerprint: str,
+    state: TrainState,
+    network: PtychoNN,
+    optimiser: torch.optim.Optimizer,
+    rng: np.random.Generator,
+) -> None:
+    """Write the state (tensors first, then the JSON that names them; each replaced whole)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"network.{k}": v.detach().cpu() for k, v in network.state_dict().items()}
+    for k, v in (state.best or {}).items():
+        tensors[f"best.{k}"] = v
+    saved = optimiser.state_dict()
+    for index, entry in saved["state"].items():
+        for name, value in entry.items():
+            tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tmp = folder / f"{CHECKPOINT_TENSORS}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "epoch": str(state.epoch)})
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, folder / CHECKPOINT_TENSORS)
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "epoch": state.epoch,
+        "step": state.step,
+        "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
+        "best_epoch": state.best_epoch,
+        "since_best": state.since_best,
+        "elapsed_s": state.elapsed_s,
+        "history": state.history,
+        "rng": rng.bit_generator.state,
+        "param_groups": saved["param_groups"],
+        "tensors_sha256": digest,
+    }
+    tmp = folder / f"{CHECKPOINT_JSON}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    os.replace(tmp, folder / CHECKPOINT_JSON)
+
+
+def load_checkpoint(
+    folder: Path,
+    fingerprint: str,
+    network: PtychoNN,
+    optimiser: torch.optim.Optimizer,
+    rng: np.random.Generator,
+) -> TrainState:
+    """Restore weights, Adam and the generator from `folder`; the training state. InputError
+    in one line when it is corrupt or was written with other options or sources."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = f"ptychonn checkpoint {str(folder)!r}"
+    try:
+        record = json.loads((folder / CHECKPOINT_JSON).read_text())
+        if record.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}")
+        if record.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"{where}: written by a training with other options or sources; remove it "
+                "or pass --no-resume to start over"
+            )
+        raw = (folder / CHECKPOINT_TENSORS).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != record["tensors_sha256"]:
+            raise ValueError(f"{CHECKPOINT_TENSORS} checksum differs from {CHECKPOINT_JSON}")
+        tensors = load_file(str(folder / CHECKPOINT_TENSORS))
+        network.load_state_dict(
+            {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
+        )
+        best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        adam: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                adam.setdefault(int(index), {})[name] = (
+                    value.reshape(()) if name == "step" else (value)
+                )
+        groups = record["param_groups"]
+        for group in groups:
+            group["betas"] = tuple(group["betas"])
+        shapes = [p.shape for p in network.parameters()]
+        for index, entry in adam.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                entry[name] = entry[name].reshape(shapes[index])
+        optimiser.load_state_dict({"state": adam, "param_groups": groups})
+        rng.bit_generator.state = record["rng"]
+    except InputError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{where}: corrupt or unreadable ({first}); remove it") from None
+    best_loss = record["best_loss"]
+    return TrainState(
+        epoch=int(record["epoch"]),
+        step=int(record["step"]),
+        best_loss=math.inf if best_loss is None else float(best_loss),
+        best_epoch=int(record["best_epoch"]),
+        since_best=int(record["since_best"]),
+        elapsed_s=float(record["elapsed_s"]),
+        resumed_from=int(record["epoch"]),
+        best=best or None,
+        history=record["history"],
+    )
 
 
 def train_ptychonn(
@@ -325,14 +538,31 @@ def train_ptychonn(
     *,
     force: bool = False,
     progress: bool = True,
+    resume: bool = True,
+    stop_after: int | None = None,
 ) -> ModelArtifact:
-    """Build the pairs, train, score, and save the artifact at `out` (a folder)."""
+    """Build the pairs, train, score, and save the artifact at `out` (a folder). A
+    checkpoint of an interrupted training with the same options and sources is continued
+    (`resume`; otherwise removed first). `stop_after`: see `fit_network`; the artifact is then
+    not written (the returned one has `path` None)."""
     options = options or TrainOptions()
     out = Path(out)
     if out.exists() and not force:  # before any work
         raise InputError(f"ptychonn model {str(out)!r}: exists; use --force to replace it")
+    if options.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every {options.checkpoint_every}: expected >= 0")
     training = build_training_set(sources, options)
-    network, info = fit_network(training, options, progress=progress)
+    folder = checkpoint_dir(out) if options.checkpoint_every else None
+    if folder is not None and not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    network, info = fit_network(
+        training,
+        options,
+        progress=progress,
+        checkpoint=folder,
+        fingerprint=fingerprint_of(training.sources, options),
+        stop_after=stop_after,
+    )
     device = next(network.parameters()).device
     baseline = mean_training_patch(training.train)
     scores: dict[str, Any] = {}
@@ -382,5 +612,21 @@ def train_ptychonn(
         probe=first.probe,
         extra={"loss_weights": probe_weights(first.probe)},
     )
+    if stop_after is not None and info["epochs_run"] == stop_after < options.epochs:
+        return artifact  # interrupted on purpose: the checkpoint stays, no model
     save_artifact(out, artifact, force=force)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     return artifact
+
+
+def train_task(
+    sources: list[str],
+    out: str,
+    options: TrainOptions,
+    force: bool = False,
+) -> dict[str, Any]:
+    """`train_ptychonn` as one Dask task (on a worker, possibly a GPU node): the record of
+    the saved model (the network stays in the folder). Progress goes to the worker's log; a
+    retried task resumes from the checkpoint."""
+    return train_ptychonn(sources, out, options, force=force, progress=True).record

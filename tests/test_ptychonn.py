@@ -297,3 +297,122 @@ def test_run_refuses_an_unreadable_model_before_anything_runs(source, tmp_path) 
         assert result.exit_code == 2, result.output
         assert str(model) in result.output and len(result.output.strip().splitlines()) == 1
     assert [r["run_id"] for r in store.list_runs(path)] == before
+
+
+def test_preview_trains_when_missing_then_previews_each_store_and_reports_bad_ones(
+    source, tmp_path: Path
+) -> None:
+    """`ptyinr preview 'DIR/*.zarr' --train-from A:RUN`: the model is trained once (a second
+    call reuses it), every fitting store gets a complete ptychonn run, a store that does not
+    fit is reported and skipped (exit 1); a mistake in the command line is exit 2."""
+    path, _ = source
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    sim = SimulationConfig(
+        object_size=40, probe_size=16, focus_fwhm_px=3, overlap=0.3, amplitude_image="moon"
+    )
+    good = write_simulated_store(archive / "good.zarr", sim)
+    bad = simulate(archive / "bad.zarr", probe_size=32)  # frames of 32 x 32: does not fit
+    model = tmp_path / "m"
+    common = ["--device", "cpu", "--threads", "1", "--workers", "1", "--no-frc", "-q"]
+    common += ["--run-id", "pv"]
+    result = invoke(
+        "preview", archive / "*.zarr", "--train-from", f"{path}:r1", "--model", model,
+        "--epochs", "2", *common,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "bad.zarr" in result.output and "trained on frames of 16 x 16" in result.output
+    assert "1 of 2 store(s) not previewed" in result.output
+    assert store.list_runs(bad) == []
+    ds = xr.open_zarr(str(good), group="reconstructions/pv", consolidated=False)
+    assert ds.attrs["method"] == "ptychonn" and ds.attrs["status"] == "complete"
+    assert np.isfinite(ds["object"].values).all()
+    sha = json.loads((model / "record.json").read_text())["weights_sha256"]
+    # the model exists now: reused, not retrained; all stores fit: exit 0
+    common[-1] = "pv2"
+    result = invoke("preview", good, "--train-from", f"{path}:r1", "--model", model, *common)
+    assert result.exit_code == 0, result.output
+    assert json.loads((model / "record.json").read_text())["weights_sha256"] == sha
+    assert store.open_run(good, "pv2").attrs["status"] == "complete"
+    # command-line mistakes: nothing to train on, nothing matched
+    assert invoke("preview", good, "--model", tmp_path / "none").exit_code == 2
+    assert invoke("preview", good).exit_code == 2
+    result = invoke("preview", tmp_path / "nothing*.zarr", "--model", model)
+    assert result.exit_code == 2 and "matches no path" in result.output
+
+
+def test_cli_module_imports_nothing_heavy() -> None:
+    """`ptyinr --help` stays fast: cli/nn.py imports no torch, scipy, xarray or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ptyinr.cli.nn; "
+        "print(sorted(m for m in ('torch', 'scipy', 'xarray', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(
+    source, tmp_path: Path
+) -> None:
+    """Stopped after 2 of 4 epochs and run again, training continues from the checkpoint
+    (weights, Adam moments, generator, schedule) and ends with the model of 4 epochs in one go;
+    a checkpoint of other options is refused in one line, or discarded with resume=False."""
+    from ptyinr.ptychonn_train import checkpoint_dir
+
+    path, _ = source
+    runs = [f"{path}:r1"]
+    options = TrainOptions(fraction=0.5, epochs=4, **{**TINY_NN, "channels": 4})
+    whole = train_ptychonn(runs, tmp_path / "whole", options, progress=False)
+    assert not checkpoint_dir(tmp_path / "whole").exists()  # removed with the model saved
+    out = tmp_path / "resumed"
+    part = train_ptychonn(runs, out, options, progress=False, stop_after=2)
+    assert part.path is None and not out.exists() and checkpoint_dir(out).is_dir()
+    assert len(part.record["training"]["train_loss"]) == 2
+    other = TrainOptions(fraction=0.5, epochs=4, **{**TINY_NN, "channels": 4, "lr": 1e-3})
+    with pytest.raises(InputError, match="other options") as err:
+        train_ptychonn(runs, out, other, progress=False)
+    assert "\n" not in str(err.value)
+    resumed = train_ptychonn(runs, out, options, progress=False)
+    training = resumed.record["training"]
+    assert training["resumed_from_epoch"] == 2 and training["epochs_run"] == 4
+    assert training["train_loss"] == whole.record["training"]["train_loss"]
+    assert resumed.record["weights_sha256"] == whole.record["weights_sha256"]
+    assert training["precision"] == "fp32"  # CPU: no autocast
+    # a corrupt checkpoint: one line; resume=False starts over
+    train_ptychonn(runs, tmp_path / "c", options, progress=False, stop_after=1)
+    (checkpoint_dir(tmp_path / "c") / "state.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(InputError, match="corrupt"):
+        train_ptychonn(runs, tmp_path / "c", options, progress=False)
+    again = train_ptychonn(runs, tmp_path / "c", options, progress=False, resume=False)
+    assert again.record["weights_sha256"] == whole.record["weights_sha256"]
+
+
+def test_mixed_precision_is_bf16_on_cuda_only() -> None:
+    from ptyinr.ptychonn_train import use_bf16
+
+    cpu = torch.device("cpu")
+    assert not use_bf16("auto", cpu) and not use_bf16("fp32", cpu)
+    with pytest.raises(InputError, match="bf16"):
+        use_bf16("bf16", cpu)
+    with pytest.raises(InputError, match="expected auto, fp32 or bf16"):
+        use_bf16("fp16", cpu)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert use_bf16("auto", torch.device("cuda"))
+
+
+def test_nn_train_on_a_cluster_runs_as_one_task(source, tmp_path: Path) -> None:
+    """`nn train --cluster local`: the training is one Dask task on a worker (asking for a
+    GPU only where workers have one); the model is written as in-process training writes it."""
+    path, _ = source
+    out = tmp_path / "m"
+    tiny = "--fraction 0.5 --epochs 2 --channels 4 --depth 2 --threads 1 --device cpu -q".split()
+    result = invoke("nn", "train", f"{path}:r1", "--out", out, "--cluster", "local", *tiny)
+    assert result.exit_code == 0, result.output
+    artifact = load_artifact(out)
+    assert artifact.record["training"]["epochs_run"] == 2
+    assert artifact.record["sources"][0]["store"] == str(path.resolve())
+    bad = invoke("nn", "train", f"{path}:r1", "--out", out, "--cluster", "local", "-q")
+    assert bad.exit_code == 2 and "exists" in bad.output
