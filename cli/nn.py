@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ptyinr.cli.common import console, err_console, user_errors
+from ptyinr.cli.common import Device, choice_option, console, err_console, parse_choice, user_errors
 
 nn_app = typer.Typer(
     help="PtychoNN previews: train a CNN on completed runs, inspect a model.",
@@ -41,7 +41,7 @@ def train(
     validation_fraction: Annotated[
         float, typer.Option(min=0.0, max=0.5, help="share of position blocks held out")
     ] = 0.2,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="frames per optimisation step")] = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam's initial learning rate")] = 1e-3,
     patience: Annotated[
         int, typer.Option(min=0, help="epochs without improvement before stopping; 0 = never")
@@ -55,8 +55,10 @@ def train(
     input_mode: Annotated[str, typer.Option(help="crop | bin")] = "crop",
     channels: Annotated[int, typer.Option(min=1, help="feature maps of the first level")] = 32,
     depth: Annotated[int, typer.Option(min=1, max=6, help="encoder/decoder levels")] = 3,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[
+        int, typer.Option(help="seed of the position split, initial weights and batch order")
+    ] = 0,
+    device: Annotated[str, choice_option(Device, help="where to train")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
     precision: Annotated[
         str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
@@ -91,6 +93,7 @@ def train(
     with user_errors():
         if not 0 < fraction <= 1:
             raise InputError(f"--fraction {fraction}: expected a share in (0, 1]")
+        device = parse_choice(Device, device, "--device")
         if input_mode not in ("crop", "bin"):
             raise InputError(f"--input-mode {input_mode!r}: expected crop or bin")
         if precision not in ("auto", "fp32", "bf16"):
@@ -263,9 +266,7 @@ def preview(
         float, typer.Option(help="when training: share of each run's positions used")
     ] = 0.2,
     epochs: Annotated[int, typer.Option(min=1, help="when training: most epochs")] = 60,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (training and previews)")] = (
-        "auto"
-    ),
+    device: Annotated[str, choice_option(Device, help="where training and previews run")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
     run_id: Annotated[
         str | None,
@@ -291,6 +292,7 @@ def preview(
     from ptyinr.cli.run import expand_stores
 
     with user_errors():
+        device = parse_choice(Device, device, "--device")
         stores = expand_stores(patterns)
         path = _preview_model(model, train_from, fraction, epochs, device, threads, quiet)
     bad, specs = _preview_specs(stores, path, device, threads, run_id, no_frc)
