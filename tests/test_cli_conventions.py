@@ -48,9 +48,6 @@ threads = 1
 device = "cpu"
 """
 
-# Parameters of commands this change does not own that still lack help text (cli/nn.py):
-# listed so the test fails on any new one; remove an entry once its help is written.
-
 
 def invoke(*args: object, **kwargs: Any):
     return runner.invoke(app, [str(a) for a in args], **kwargs)
