@@ -116,8 +116,10 @@ def error_reduction_loss(probe: np.ndarray, trial: TrialData, iterations: int) -
     measured = torch.fft.ifftshift(torch.nan_to_num(trial.amplitudes), dim=(-2, -1))
     valid = None if trial.valid is None else torch.fft.ifftshift(trial.valid, dim=(-2, -1))
     obj = torch.ones(size, dtype=torch.complex64, device=device)
-    norm = float(measured.square().sum()) if valid is None else float(
-        (measured.square() * valid).sum()
+    norm = (
+        float(measured.square().sum())
+        if valid is None
+        else float((measured.square() * valid).sum())
     )
     error = math.inf
     for _ in range(iterations + 1):
@@ -219,9 +221,7 @@ def probe_from_optics(
             "model.probe_init = 'optics': [probe] diameter_m is not set; give the zone plate's "
             "diameter_m and focal_length_m or outer_zone_width_m"
         )
-    wavelength = (
-        energy_ev_to_wavelength_m(probe.energy_ev) if probe.energy_ev else wavelength_m
-    )
+    wavelength = energy_ev_to_wavelength_m(probe.energy_ev) if probe.energy_ev else wavelength_m
     distance = probe.detector_distance_m or detector[0]
     pixel = probe.detector_pixel_size_m or detector[1]
     if probe.detector_distance_m or probe.detector_pixel_size_m or pixel_size_m is None:

@@ -32,6 +32,7 @@ from ptyinr.errors import StoreError
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
+
 #: A lock not refreshed for this long is stale whoever holds it (the holder's host may be
 #: unreachable, so its process cannot be checked). Environment: PTYINR_RUN_LOCK_TIMEOUT (s).
 RUN_LOCK_TIMEOUT_S = 24 * 3600.0

@@ -18,7 +18,10 @@ def test_focal_spot_matches_airy_formula() -> None:
     """A full circular aperture in focus: intensity FWHM = 1.029 wavelength / (2 NA)."""
     na = 9e-4
     probe = optics.zone_plate_probe(
-        (256, 256), wavelength_m=WAVELENGTH, pixel_size_m=PIXEL, diameter_m=180e-6,
+        (256, 256),
+        wavelength_m=WAVELENGTH,
+        pixel_size_m=PIXEL,
+        diameter_m=180e-6,
         focal_length_m=180e-6 / (2 * na),
     )
     expected_px = optics.airy_fwhm_m(WAVELENGTH, na) / PIXEL[0]
@@ -31,7 +34,10 @@ def test_zone_plate_focus_is_its_outermost_zone_width() -> None:
     """f = D dr / wavelength gives NA = wavelength / (2 dr): the focal spot FWHM is 1.029 dr."""
     dr = 70e-9
     probe = optics.zone_plate_probe(
-        (256, 256), wavelength_m=WAVELENGTH, pixel_size_m=PIXEL, diameter_m=150e-6,
+        (256, 256),
+        wavelength_m=WAVELENGTH,
+        pixel_size_m=PIXEL,
+        diameter_m=150e-6,
         outer_zone_width_m=dr,
     )
     assert optics.probe_fwhm_px(probe) == pytest.approx(1.029 * dr / PIXEL[0], rel=0.03)
@@ -39,8 +45,9 @@ def test_zone_plate_focus_is_its_outermost_zone_width() -> None:
 
 def test_central_stop_narrows_the_core_and_adds_rings() -> None:
     """An annular pupil (obstruction e) has a narrower central lobe than the full aperture."""
-    kwargs = dict(wavelength_m=WAVELENGTH, pixel_size_m=PIXEL, diameter_m=150e-6,
-                  outer_zone_width_m=70e-9)
+    kwargs = dict(
+        wavelength_m=WAVELENGTH, pixel_size_m=PIXEL, diameter_m=150e-6, outer_zone_width_m=70e-9
+    )
     full = optics.zone_plate_probe((256, 256), **kwargs)
     stopped = optics.zone_plate_probe((256, 256), central_stop_diameter_m=75e-6, **kwargs)
     assert optics.probe_fwhm_px(stopped) < 0.95 * optics.probe_fwhm_px(full)
@@ -65,8 +72,12 @@ def test_defocused_beam_has_the_geometric_cone_width() -> None:
     na = 1.5e-3
     z = 150e-6
     probe = optics.zone_plate_probe(
-        (192, 192), wavelength_m=WAVELENGTH, pixel_size_m=(20e-9, 20e-9), diameter_m=150e-6,
-        focal_length_m=150e-6 / (2 * na), defocus_m=z,
+        (192, 192),
+        wavelength_m=WAVELENGTH,
+        pixel_size_m=(20e-9, 20e-9),
+        diameter_m=150e-6,
+        focal_length_m=150e-6 / (2 * na),
+        defocus_m=z,
     )
     expected = 2 * na * z / 20e-9  # 22.5 px
     assert optics.beam_diameter_px(probe, 0.9) == pytest.approx(expected, rel=0.25)
@@ -85,16 +96,23 @@ def test_bright_field_radius_of_a_disk_with_stop() -> None:
 def test_pupil_larger_than_the_detector_is_refused() -> None:
     with pytest.raises(InputError, match="bright-field disk would not fit"):
         optics.zone_plate_probe(
-            (64, 64), wavelength_m=WAVELENGTH, pixel_size_m=(100e-9, 100e-9),
-            diameter_m=200e-6, outer_zone_width_m=20e-9,
+            (64, 64),
+            wavelength_m=WAVELENGTH,
+            pixel_size_m=(100e-9, 100e-9),
+            diameter_m=200e-6,
+            outer_zone_width_m=20e-9,
         )
 
 
 def test_beam_wider_than_the_window_is_refused() -> None:
     with pytest.raises(InputError, match="wider than"):
         optics.zone_plate_probe(
-            (64, 64), wavelength_m=WAVELENGTH, pixel_size_m=PIXEL, diameter_m=150e-6,
-            outer_zone_width_m=70e-9, defocus_m=5e-3,
+            (64, 64),
+            wavelength_m=WAVELENGTH,
+            pixel_size_m=PIXEL,
+            diameter_m=150e-6,
+            outer_zone_width_m=70e-9,
+            defocus_m=5e-3,
         )
 
 

@@ -160,14 +160,15 @@ def test_beamline_file_ingests_and_starts_from_optics(tmp_path: Path) -> None:
     cfg_path.write_text(
         "[simulate]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in TINY.items()) + "\n"
     )
-    done = runner.invoke(
-        app, ["simulate", str(ref), "--preset", str(cfg_path), "--raw", str(raw)]
-    )
+    done = runner.invoke(app, ["simulate", str(ref), "--preset", str(cfg_path), "--raw", str(raw)])
     assert done.exit_code == 0, done.output
     keys = [
-        "--key", "energy_ev=/entry/instrument/energy_ev",
-        "--key", "detector_distance_m=/entry/instrument/detector_distance_m",
-        "--key", "detector_pixel_size_m=/entry/instrument/detector_pixel_size_m",
+        "--key",
+        "energy_ev=/entry/instrument/energy_ev",
+        "--key",
+        "detector_distance_m=/entry/instrument/detector_distance_m",
+        "--key",
+        "detector_pixel_size_m=/entry/instrument/detector_pixel_size_m",
     ]
     done = runner.invoke(
         app, ["ingest", str(raw), str(out), "--dc", "auto", "--positions-unit", "px", *keys]
@@ -213,8 +214,15 @@ def test_refined_probe_guess_moves_toward_the_truth(defocused_store: Path, tmp_p
     np.save(guess, wrong)
     cfg = load_config(
         None,
-        [*SMALL_MODEL, "model.probe=pixels", "model.probe_init=file", f"probe.guess={guess}",
-         "train.epochs=80", "train.lr_object=2e-3", "train.lr_probe=1e-2"],
+        [
+            *SMALL_MODEL,
+            "model.probe=pixels",
+            "model.probe_init=file",
+            f"probe.guess={guess}",
+            "train.epochs=80",
+            "train.lr_object=2e-3",
+            "train.lr_probe=1e-2",
+        ],
     )
     trainer = build_engine(loaded.data, cfg)
     result = trainer.fit(progress=False)

@@ -145,7 +145,10 @@ def test_batches_cover_every_position_once_per_epoch():
 
 def test_mini_batch_mode(sim):
     cfg = config(
-        "model.object=pixels", "train.epochs=15", "train.batch_size=50", "train.lr_object=1e-2",
+        "model.object=pixels",
+        "train.epochs=15",
+        "train.batch_size=50",
+        "train.lr_object=1e-2",
         "train.batches=random",
     )
     result = fit(data_of(sim), cfg, known_probe=sim["probe"], progress=False)
