@@ -237,3 +237,46 @@ def test_validation_is_resumed_from_a_checkpoint(sim, tmp_path):
     a, b = whole.info["validation"], resumed.info["validation"]
     assert a["epochs"] == b["epochs"] == [1, 2, 3, 4] and a["best_epoch"] == b["best_epoch"]
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ptyinr", "epie"])
+def test_refit_fits_all_positions_from_the_start_for_the_chosen_epochs(sim, method, monkeypatch):
+    """train.refit: validation chooses epoch 2; the result is then exactly a fit on all
+    positions for 2 epochs (same seed, same probe start), with the validated run's record."""
+    overrides = [*CASES["ptyinr"], f"model.method={method}", "train.epochs=6"]
+    cfg = load_config(
+        overrides=[
+            *overrides,
+            "train.validation_fraction=0.1",
+            "train.patience=2",
+            "train.refit=true",
+        ]
+    )
+    engine = build_engine(data_of(sim), cfg)
+    scripted = iter([3.0, 1.0, 2.0, 5.0, 6.0, 7.0])
+    monkeypatch.setattr(engine, "validation_loss", lambda p: next(scripted))
+    result = engine.fit(progress=False)
+    record = result.info["validation"]
+    assert record["best_epoch"] == 2 and record["returned"] == "refit"
+    refit = result.info["refit"]
+    assert refit["epochs"] == 2 and refit["positions"] == sim["positions_px"].shape[0]
+    assert refit["from"] == "start" and len(refit["loss"]) == 2
+    assert len(result.loss.values) == result.info["epochs"] == 4  # the validated run's curve
+    direct = fit(
+        data_of(sim), load_config(overrides=[*overrides, "train.epochs=2"]), progress=False
+    )
+    np.testing.assert_allclose(refit["loss"], direct.loss.values, rtol=1e-5)
+    for part in ("object", "probe"):
+        expected = getattr(direct, part).values
+        got = getattr(result, part).values
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), part
+
+
+def test_refit_without_held_out_positions_is_a_plain_fit(sim):
+    overrides = [*CASES["ptyinr"], "train.epochs=2"]
+    plain = fit(data_of(sim), load_config(overrides=overrides), progress=False)
+    refit = fit(
+        data_of(sim), load_config(overrides=[*overrides, "train.refit=true"]), progress=False
+    )
+    assert "refit" not in refit.info
+    np.testing.assert_array_equal(plain.object.values, refit.object.values)

@@ -333,3 +333,18 @@ def test_two_ranks_refine_as_one_process(small):
     assert np.abs(offsets_of(one)).max() > 0.01
     np.testing.assert_allclose(offsets_of(two), offsets_of(one), atol=2e-4)
     np.testing.assert_allclose(two.loss.values, one.loss.values, rtol=1e-4)
+
+
+def test_refined_positions_are_recorded_in_the_positions_unit(small):
+    """refined_positions = (measured px + offset) x pixel size: metres with geometry, px
+    without; the same numbers the offsets give."""
+    given = small["given"]
+    pixel = (2.5e-8, 3.0e-8)
+    for pixel_size, unit, factor in ((None, "px", np.ones(2)), (pixel, "m", np.asarray(pixel))):
+        data = ScanData(small["sim"]["intensities"], given, pixel_size=pixel_size)
+        result = build_engine(data, ptyinr_config("train.epochs=2")).fit(progress=False)
+        refined = np.asarray(result.info["refined_positions"], dtype=np.float64)
+        assert result.info["refined_positions_unit"] == unit == result.info["positions_unit"]
+        # the recorded offsets are rounded to 1e-4 px
+        np.testing.assert_allclose(refined / factor, given + offsets_of(result), atol=1e-4)
+        assert np.abs(refined / factor - given).max() > 0.01  # they did move

@@ -2,12 +2,13 @@
 
 Forward model (ptyinr.physics): the object field is evaluated on the object pixels the batch's
 windows cover, each window's probe is shifted by its sub-pixel fraction, and the predicted
-intensity is |FFT2(probe x patch)|^2. Loss (paper eq. 2): the data term `train.loss`
-(ptyinr.losses; SmoothL1(beta) of sqrt intensities) plus lambda * mean normalised probe
-amplitude during the first k steps. Adam with separate learning rates for object and probe,
-warm-up and cosine decay (`learning_rate_factor`). Full batch or mini-batches over positions
-(ptyinr.batching); each epoch's order comes from (seed, epoch) alone, so a run resumed from a
-checkpoint takes exactly the steps an uninterrupted run would have taken.
+intensity is |FFT2(probe x patch)|^2. Loss (paper eq. 2): the data term the base chose
+from `train.loss` (ptyinr.losses: SmoothL1(beta) of sqrt intensities, Poisson or Gaussian
+likelihood, or auto) plus lambda * mean normalised probe amplitude during the first k steps.
+Adam with separate learning rates for object and probe, warm-up and cosine decay
+(`learning_rate_factor`). Full batch or mini-batches over positions (ptyinr.batching); each
+epoch's order comes from (seed, epoch) alone, so a run resumed from a checkpoint takes exactly
+the steps an uninterrupted run would have taken.
 
 Position refinement (`train.refine_positions`): a learnable (n, 2) offset per position, in
 object pixels, enters the probe's exact Fourier shift next to the window's sub-pixel fraction,
@@ -451,9 +452,11 @@ class PtyINREngine(Engine):
 
     @torch.no_grad()
     def position_record(self) -> dict[str, Any]:
-        """The refined positions for the run's attrs: a summary (`position_refinement`) and
-        the offsets (`position_offsets_px`, (n, 2) [dy, dx] in object pixels, to add to the
-        measured positions in pixels: refined = positions + offset x pixel size)."""
+        """The refined positions for the run's attrs: a summary (`position_refinement`), the
+        offsets (`position_offsets_px`, (n, 2) [dy, dx] in object pixels, to add to the
+        measured positions in pixels: refined = positions + offset x pixel size) and the
+        refined positions themselves (`refined_positions`, (n, 2) [y, x] in the store's
+        positions unit, metres or px: `refined_positions_unit`)."""
         train = self.config.train
         offsets = self.position_offset.detach().cpu().numpy().astype(np.float64)
         length = np.hypot(offsets[:, 0], offsets[:, 1])
@@ -471,9 +474,15 @@ class PtyINREngine(Engine):
             "windows_moved": int((moved != 0).any(axis=1).sum()),
             "wrapped_probe_intensity": wrapped_share(self.current_probe(), shifts),
         }
+        pixel = self.data.pixel_size
+        refined = (np.asarray(self.data.positions_px, np.float64) + offsets) * (
+            np.ones(2) if pixel is None else np.asarray(pixel, np.float64)
+        )
         return {
             "position_refinement": summary,
             "position_offsets_px": np.round(offsets, 4).tolist(),
+            "refined_positions": refined.tolist(),
+            "refined_positions_unit": "px" if pixel is None else "m",
         }
 
 
