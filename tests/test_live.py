@@ -273,18 +273,6 @@ def test_a_running_reconstruction_can_be_looked_at(tmp_path: Path) -> None:
         open_latest(path, "watch", "half_a")
 
 
-def _engine_reports_warm_start() -> bool:
-    import inspect
-
-    from ptyinr.engines import ptyinr as engine
-
-    return "probe_fit_callback" in inspect.getsource(engine)
-
-
-@pytest.mark.skipif(
-    not _engine_reports_warm_start(),
-    reason="pipeline/engines/ptyinr.py does not pass events.probe_fit_callback() to fit_to yet",
-)
 def test_a_reconstruction_reports_its_probe_warm_start_before_its_epochs(tmp_path: Path):
     path = make_store(tmp_path / "s.zarr")
     cfg = load_config(overrides=[*TINY_MODEL, "train.epochs=2"])

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptyinr import events
 from ptyinr.batching import epoch_batches
 from ptyinr.config import TrainConfig
 from ptyinr.engines.base import Engine
@@ -106,7 +107,10 @@ class PtyINREngine(Engine):
             error = self.probe.fit_to(
                 initial_probe,
                 steps=config.model.probe_init_steps,
-                progress=sys.stderr.isatty() and runtime.is_root,  # where someone watches
+                # a bar where someone watches this process; inside a graph task the driver's
+                # display shows it instead (ptyinr.events)
+                progress=sys.stderr.isatty() and runtime.is_root and events.current() is None,
+                callback=events.probe_fit_callback() if runtime.is_root else None,
             )
             self.probe_start.record["warm_start_error"] = float(error)
         self._initialise_probe_scale()
