@@ -23,14 +23,17 @@ valid pixels of the batch.
 
 `train.loss = "auto"` chooses with `choose_loss` from a sample of the frames: quantised,
 non-negative data with a dark level of zero (photon counts, possibly times a gain) get
-`poisson`; anything else (floating-point data: clean simulations, additive or mixed noise,
-preprocessed or background-subtracted frames) gets the paper's `smooth_l1`. Why SmoothL1 and
-not `gaussian` there: measured on a 64 x 64 object, 32 x 32 probe, -100 % overlap, pixel
-engine, 300 epochs (/tmp/q/loss_exp.py): clean data 0.063 (smooth_l1) vs 0.097 (gaussian)
-object error, near-clean Gaussian-noise data 0.063 vs 0.096; its L1 tail, robust to the
-residuals of model errors (probe, positions) that are not noise, wins where there is little
-noise. On photon counts the likelihoods win over SmoothL1 (alpha = 10: 0.38 smooth_l1, 0.28
-poisson, 0.26 gaussian).
+`gaussian` (`COUNTS_LOSS`): the amplitude least squares is the Poisson likelihood after the
+variance-stabilising square root, and it optimised better than the `poisson` term itself on
+every counts case measured (same setting as below: alpha = 10, 0.26 vs 0.28 object error; alpha
+= 1000, 0.094 vs 0.096); `poisson` stays one setting away. Anything else (floating-point data:
+clean simulations, additive or mixed noise, preprocessed or background-subtracted frames) gets
+the paper's `smooth_l1`. Why SmoothL1 and not `gaussian` there: measured on a 64 x 64 object,
+32 x 32 probe, -100 % overlap, pixel engine, 300 epochs (benchmarks/RESULTS.md, "Data terms"): clean data 0.063
+(smooth_l1) vs 0.097 (gaussian) object error, near-clean Gaussian-noise data 0.063 vs 0.096;
+its L1 tail, robust to the residuals of model errors (probe, positions) that are not noise,
+wins where there is little noise. On photon counts the likelihoods win over SmoothL1 (alpha =
+10: 0.38 smooth_l1, 0.28 poisson, 0.26 gaussian).
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def choose_loss(requested: str, sample: Callable[[], np.ndarray]) -> LossChoice:
 
     Photon counts are quantised: every value is a whole multiple of one quantum (1 for a
     counting detector, a gain for scaled counts as in the paper's simulations), and dark
-    pixels read (close to) zero. Such data get the Poisson likelihood; data with a dark level
+    pixels read (close to) zero. Such data get `COUNTS_LOSS` (Gaussian amplitudes: the
+    variance-stabilised Poisson likelihood); data with a dark level
     above zero (a pedestal the Poisson model does not have: the darkest pixel above half a
     quantum and above `DARK_SHARE` of the mean), negative values, or values on no quantum
     (floats: clean, additive-noise, preprocessed data) get the paper's SmoothL1 (measured
@@ -172,15 +176,19 @@ def choose_loss(requested: str, sample: Callable[[], np.ndarray]) -> LossChoice:
             "not have",
         )
     return LossChoice(
-        "poisson",
+        COUNTS_LOSS,
         "auto",
         f"photon counts: whole multiples of {quantum:.4g}, dark pixels at zero, mean "
-        f"{counts.mean():.3g} counts per pixel (max {counts.max():.4g})",
+        f"{counts.mean():.3g} counts per pixel (max {counts.max():.4g}); amplitude least "
+        "squares, the variance-stabilised Poisson likelihood",
     )
 
 
 #: what `auto` chooses for data that are not photon counts
 FLOAT_LOSS = "smooth_l1"
+
+#: what `auto` chooses for photon counts (the module docstring says why not `poisson`)
+COUNTS_LOSS = "gaussian"
 
 #: a darkest pixel above this share of the mean count (and above half a quantum) is taken
 #: for a pedestal; below it, a high dose that left no pixel dark, which Poisson still models
