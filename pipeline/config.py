@@ -110,7 +110,7 @@ class TrainConfig(_Section):
         "smooth_l1",
         description="data term (ptyinr.losses): smooth_l1 = the paper's SmoothL1 of sqrt "
         "intensities with threshold loss_beta; poisson = Poisson NLL of the intensities "
-        "(photon counts); gaussian = least squares on amplitudes; auto = poisson for "
+        "(photon counts); gaussian = least squares on amplitudes; auto = gaussian for "
         "quantised counts with dark pixels at zero, else smooth_l1 (the choice and why: "
         "the run's data_term)",
     )
