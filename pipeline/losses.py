@@ -29,7 +29,8 @@ every counts case measured (same setting as below: alpha = 10, 0.26 vs 0.28 obje
 = 1000, 0.094 vs 0.096); `poisson` stays one setting away. Anything else (floating-point data:
 clean simulations, additive or mixed noise, preprocessed or background-subtracted frames) gets
 the paper's `smooth_l1`. Why SmoothL1 and not `gaussian` there: measured on a 64 x 64 object,
-32 x 32 probe, -100 % overlap, pixel engine, 300 epochs (benchmarks/RESULTS.md, "Data terms"): clean data 0.063
+32 x 32 probe, -100 % overlap, pixel engine, 300 epochs (benchmarks/RESULTS.md, "Data
+terms"): clean data 0.063
 (smooth_l1) vs 0.097 (gaussian) object error, near-clean Gaussian-noise data 0.063 vs 0.096;
 its L1 tail, robust to the residuals of model errors (probe, positions) that are not noise,
 wins where there is little noise. On photon counts the likelihoods win over SmoothL1 (alpha =
@@ -79,7 +80,7 @@ def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor | None) -> tor
 #: give gradients 10^4 x the others, Adam's second moments follow them and every other step
 #: shrinks: a pixel-grid fit of alpha = 1000 Poisson data reached an object error of 0.25
 #: after 600 epochs with 1e-9, 0.15 with 1e-6, 0.096 with 1e-4 (the Gaussian term: 0.094),
-#: 0.11 with 1e-3 (/tmp/q/eps.py, see benchmarks notes).
+#: 0.11 with 1e-3 (benchmarks/bench_levers.py --poisson-eps; RESULTS.md, "Data terms").
 POISSON_EPS = 1e-4
 
 
