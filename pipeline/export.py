@@ -80,6 +80,7 @@ class RunData:
     frc: dict[str, np.ndarray] | None = None  # spatial_frequency, frc, half_bit_threshold, ...
     frc_frequency_unit: str | None = None
     units_note: str | None = None  # how lengths were converted, when they were
+    positions_note: str = "positions as measured (the store's)"  # or refined by the run
 
     @property
     def has_geometry(self) -> bool:
@@ -180,7 +181,15 @@ def load_run(store_path: str | os.PathLike, run_id: str) -> RunData:
             pixel, unit = (float(size[0]), float(size[1])), "m"
             converted = "run in pixel units; lengths converted to metres with the store's geometry"
 
-    positions = np.asarray(ds[store.POSITIONS].values, dtype=np.float64)
+    # the positions the object and probe were fitted at: refined ones when the run refined
+    # them (train.refine_positions; same dims and unit as the store's), else the measured
+    refined = run.get("refined_positions")
+    if refined is not None and refined.shape == ds[store.POSITIONS].shape:
+        positions = np.asarray(refined.values, dtype=np.float64)
+        positions_note = "positions refined by the run (train.refine_positions)"
+    else:
+        positions = np.asarray(ds[store.POSITIONS].values, dtype=np.float64)
+        positions_note = "positions as measured (the store's)"
     store_unit = ds.attrs.get("positions_unit")
     if store_unit == "px" and unit == "m":  # pixel positions, geometry known: the run's metres
         positions = positions * np.asarray(pixel)
@@ -209,6 +218,7 @@ def load_run(store_path: str | os.PathLike, run_id: str) -> RunData:
         epochs=np.asarray([] if loss is None else loss[loss.dims[0]].values, dtype=np.int64),
         attrs=dict(run.attrs),
         units_note=converted,
+        positions_note=positions_note,
     )
     if unit == "m" and a.get("wavelength_m") is not None:
         lam, dist = float(a["wavelength_m"]), float(a["detector_distance_m"])
@@ -392,7 +402,8 @@ def write_cxi(run: RunData, paths: dict[str, Path]) -> None:
             "comments",
             f"method {run.attrs.get('method', 'ptyinr')}; run {run.run_id} of {run.store}; "
             f"exported by ptyinr export {__version__}"
-            + (f"; {run.units_note}" if run.units_note else ""),
+            + (f"; {run.units_note}" if run.units_note else "")
+            + f"; {run.positions_note}",
         )
         if run.loss.size:
             process.create_dataset("loss", data=run.loss).attrs["note"] = (
@@ -450,6 +461,7 @@ def write_ptychodus(run: RunData, paths: dict[str, Path]) -> None:
             f"ptyinr run {run.run_id} of {run.store} (method {run.attrs.get('method', 'ptyinr')}), "
             f"exported by ptyinr export {__version__}"
             + (f"; {run.units_note}" if run.units_note else "")
+            + f"; {run.positions_note}"
         )
         f.attrs["detector_object_distance_m"] = float(run.detector_distance_m)  # type: ignore[arg-type]
         f.attrs["probe_energy_eV"] = float(run.energy_ev)  # type: ignore[arg-type]
@@ -527,6 +539,8 @@ def write_npz(run: RunData, paths: dict[str, Path]) -> None:
     object (y, x) complex64, object_y, object_x    pixel-centre coordinates (units)
     probe (py, px) complex64, probe_y, probe_x     centred on pixel N // 2 (units)
     positions (n, 2) float64, (y, x), units; same frame as object_y / object_x
+                                                   (refined when the run refined them)
+    positions_note                                 0-d str: refined or measured
     pixel_size (2,) float64 (y, x), units          "m", or "px" (pixel size 1) without geometry
     units, positions_unit                          0-d str: "m" or "px"
     loss (epochs,), epoch (epochs,)
@@ -561,6 +575,7 @@ def write_npz(run: RunData, paths: dict[str, Path]) -> None:
     }
     if run.units_note:
         arrays["units_note"] = np.array(run.units_note)
+    arrays["positions_note"] = np.array(run.positions_note)
     if run.intensity_scale is not None:
         arrays["intensity_scale"] = np.float64(run.intensity_scale)
     if run.has_geometry:

@@ -362,6 +362,34 @@ def test_npz_carries_frc_when_present(stores: dict[str, Path], tmp_path: Path) -
         assert float(z["resolution"]) == pytest.approx(3e-8)
 
 
+def test_refined_positions_are_exported_when_the_run_has_them(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    """The object and probe were fitted at the refined positions: products carry those and
+    say so; a run without refinement exports the store's measured positions."""
+    path = stores["m"]
+    measured = _positions_m(path)
+    shift = np.random.default_rng(1).normal(0.0, 1e-8, measured.shape)
+    refined = xr.Dataset(
+        {"refined_positions": (("scan", "axis"), measured + shift)},
+        coords={"axis": np.array(["y", "x"], dtype=object)},
+    )
+    _copy_run(path, "r1", "refined", extra=refined)
+    store.mark_run(path, "refined", "complete")
+    (out,) = export.export_run(path, "refined", "npz", tmp_path / "refined.npz")
+    with np.load(out, allow_pickle=False) as z:
+        np.testing.assert_allclose(z["positions"], measured + shift)
+        assert "refined" in str(z["positions_note"])
+    (cxi,) = export.export_run(path, "refined", "cxi", tmp_path / "refined.cxi")
+    with h5py.File(cxi, "r") as f:
+        xyz = f["entry_1/sample_1/geometry_1/translation"][()]
+    np.testing.assert_allclose(xyz[:, 1], (measured + shift)[:, 0])
+    (plain,) = export.export_run(path, "r1", "npz", tmp_path / "plain.npz")
+    with np.load(plain, allow_pickle=False) as z:
+        np.testing.assert_allclose(z["positions"], measured)
+        assert "measured" in str(z["positions_note"])
+
+
 def test_npz_pixel_units(stores: dict[str, Path], tmp_path: Path) -> None:
     (out,) = export.export_run(stores["px"], "r1", "npz", tmp_path / "px.npz")
     with np.load(out, allow_pickle=False) as z:
