@@ -150,7 +150,8 @@ class TrainConfig(_Section):
         "measured position through the probe's exact Fourier shift (windows re-placed at the "
         "nearest whole pixel as offsets grow); the offsets' mean is removed after every step "
         "(a global shift is an object shift) and each axis is clamped to position_bound_px. "
-        "The offsets are recorded in the run (position_offsets_px)",
+        "The refined positions are the run's `refined_positions` variable (scan, axis), the "
+        "offsets its `position_offsets_px` attr",
     )
     position_lr: float = Field(
         0.02,

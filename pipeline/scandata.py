@@ -4,7 +4,8 @@
 `StoreFrames`), window positions in object pixels, the bad-pixel mask and the geometry the
 probe start needs. `scan_geometry` lays out the object grid and windows for a configuration,
 the one place the scan geometry is derived from config; `load_scan` opens a store for a fit.
-`Reconstruction` is what an engine returns: labelled object, probe, loss curve, bookkeeping.
+`Reconstruction` is what an engine returns: labelled object, probe, loss curve, bookkeeping,
+and, from a run that refines positions, the refined positions (one row per store position).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class ScanData:
     dask). positions_px: (n, 2) (y, x) window centres in object pixels of the store's frame.
     bad_pixels: (Ny, Nx) True where the detector is not to be trusted. pixel_size: object
     pixel size (y, x) in metres, or None (pixel units). Wavelength and detector geometry: from
-    the store where it has them (the optics probe start needs them).
+    the store where it has them (the optics probe start needs them). store_rows,
+    store_positions_px: where a subset's positions sit among the scan's (`subset` sets them:
+    an FRC half), so a result can report one row per store position; None: these positions
+    are the whole scan, in order.
     """
 
     intensities: Any
@@ -40,6 +44,8 @@ class ScanData:
     wavelength_m: float | None = None
     detector_distance_m: float | None = None
     detector_pixel_size_m: float | None = None
+    store_rows: np.ndarray | None = None
+    store_positions_px: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.intensities.ndim != 3:
@@ -56,6 +62,24 @@ class ScanData:
                 f"bad-pixel mask: shape {np.shape(self.bad_pixels)}, expected the frame shape "
                 f"{tuple(self.intensities.shape[1:])}"
             )
+        if (self.store_rows is None) != (self.store_positions_px is None):
+            raise InputError(
+                "store_rows and store_positions_px: expected both (a subset of a scan) or "
+                "neither (the whole scan)"
+            )
+        if self.store_rows is not None and self.store_positions_px is not None:
+            rows, full = np.shape(self.store_rows), np.shape(self.store_positions_px)
+            if rows != (self.n_positions,) or len(full) != 2 or full[1] != 2:
+                raise InputError(
+                    f"store_rows: shape {rows}, store_positions_px: shape {full}; expected "
+                    f"({self.n_positions},) rows into (n, 2) positions"
+                )
+            low, high = (int(f(self.store_rows, initial=0)) for f in (np.min, np.max))
+            if low < 0 or (rows[0] and high >= full[0]):
+                raise InputError(
+                    f"store_rows: values {low}..{high}; expected rows of the scan's "
+                    f"{full[0]} positions"
+                )
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -66,7 +90,9 @@ class ScanData:
         return int(self.positions_px.shape[0])
 
     def subset(self, indices: np.ndarray) -> ScanData:
-        """The same scan restricted to some positions (e.g. one FRC half)."""
+        """The same scan restricted to some positions (e.g. one FRC half); it remembers
+        which rows of the scan they are (`store_rows`)."""
+        rows = np.arange(self.n_positions)[np.asarray(indices)]
         return ScanData(
             intensities=self.intensities[indices],
             positions_px=self.positions_px[indices],
@@ -75,25 +101,47 @@ class ScanData:
             wavelength_m=self.wavelength_m,
             detector_distance_m=self.detector_distance_m,
             detector_pixel_size_m=self.detector_pixel_size_m,
+            store_rows=rows if self.store_rows is None else self.store_rows[rows],
+            store_positions_px=(
+                self.positions_px if self.store_positions_px is None else self.store_positions_px
+            ),
         )
+
+    def on_store_rows(self, values_px: np.ndarray) -> np.ndarray:
+        """(n_store, 2) positions in px: `values_px` (one row per position of this data) at
+        this data's rows of the scan, the scan's measured positions elsewhere (the positions
+        a subset did not use)."""
+        values = np.asarray(values_px, dtype=np.float64)
+        if values.shape != (self.n_positions, 2):
+            raise InputError(
+                f"positions: shape {values.shape}, expected ({self.n_positions}, 2) to match "
+                "the data's positions"
+            )
+        if self.store_rows is None or self.store_positions_px is None:
+            return values.copy()
+        out = np.array(self.store_positions_px, dtype=np.float64)
+        out[self.store_rows] = values
+        return out
 
 
 @dataclass
 class Reconstruction:
-    """Result of one reconstruction: labelled object, probe, loss curve, and bookkeeping."""
+    """Result of one reconstruction: labelled object, probe, loss curve, and bookkeeping;
+    `refined_positions` (scan, axis) only from a run that refined them."""
 
     object: xr.DataArray
     probe: xr.DataArray
     loss: xr.DataArray
     geometry: ScanGeometry
     info: dict[str, Any] = field(default_factory=dict)
+    refined_positions: xr.DataArray | None = None
 
     def to_dataset(self) -> xr.Dataset:
         """One xarray Dataset, ready to be written as a run group."""
-        return xr.Dataset(
-            {"object": self.object, "probe": self.probe, "loss": self.loss},
-            attrs=dict(self.info),
-        )
+        variables = {"object": self.object, "probe": self.probe, "loss": self.loss}
+        if self.refined_positions is not None:
+            variables["refined_positions"] = self.refined_positions
+        return xr.Dataset(variables, attrs=dict(self.info))
 
 
 def labelled_result(
@@ -103,9 +151,15 @@ def labelled_result(
     geometry: ScanGeometry,
     pixel_size: tuple[float, float] | None,
     info: dict[str, Any],
+    *,
+    refined_positions_px: np.ndarray | None = None,
 ) -> Reconstruction:
     """Object and probe arrays labelled with their coordinates (metres, or px without
-    geometry), the loss per epoch, and `info` plus the grid's bookkeeping."""
+    geometry), the loss per epoch, and `info` plus the grid's bookkeeping.
+
+    `refined_positions_px`: (n_store, 2) (y, x) positions in object pixels after position
+    refinement, one row per store position (`ScanData.on_store_rows`); labelled like the
+    store's `positions` (dims scan, axis = [y, x]) in its unit."""
     ys, xs = geometry.pixel_coordinates()
     ny, nx = geometry.window_shape
     py = np.arange(ny, dtype=np.float64) - ny // 2
@@ -140,8 +194,23 @@ def labelled_result(
         name="loss",
         attrs=label("loss"),
     )
+    refined_da = None
+    if refined_positions_px is not None:
+        refined = np.asarray(refined_positions_px, dtype=np.float64)
+        if refined.ndim != 2 or refined.shape[1] != 2 or not np.isfinite(refined).all():
+            raise InputError(
+                f"refined positions: shape {refined.shape}, finite: "
+                f"{bool(np.isfinite(refined).all())}; expected finite (n, 2) (y, x) positions"
+            )
+        refined_da = xr.DataArray(
+            refined * np.asarray((sy, sx), dtype=np.float64),
+            dims=("scan", "axis"),
+            coords={"axis": ("axis", np.array(["y", "x"], dtype=object), label("axis"))},
+            name="refined_positions",
+            attrs=label("refined_positions"),
+        )
     info = {**info, "origin_px": list(geometry.origin_px), "positions_unit": unit}
-    return Reconstruction(object_da, probe_da, loss_da, geometry, info)
+    return Reconstruction(object_da, probe_da, loss_da, geometry, info, refined_da)
 
 
 def scan_geometry(

@@ -194,6 +194,11 @@ VARIABLE_LABELS: dict[str, tuple[str, str | None]] = {
     "x": ("object x coordinate (pixel centre)", LENGTH),
     "probe_y": ("probe y coordinate from the window centre", LENGTH),
     "probe_x": ("probe x coordinate from the window centre", LENGTH),
+    "refined_positions": (
+        "probe position (window centre) in the object plane after position refinement "
+        "(measured + refined offset; measured where not refined)",
+        LENGTH,
+    ),
     "frc": ("Fourier ring correlation of the half-scan reconstructions", "1"),
     "half_bit_threshold": ("half-bit threshold (van Heel & Schatz 2005)", "1"),
     "n_pixels": ("pixels in the Fourier ring", "1"),
@@ -787,6 +792,12 @@ def _length_unit_of(attrs: Mapping[str, Any]) -> str | None:
     return unit if unit in POSITIONS_UNITS else None
 
 
+# Variables only some results have (train.refine_positions: refined_positions and its axis
+# coordinate): a rewritten result (one with an object) without them drops the old ones, so a
+# run never shows another fit's positions.
+OPTIONAL_RESULT_VARIABLES = ("refined_positions", "axis")
+
+
 def write_run(
     path: str | os.PathLike,
     run_id: str,
@@ -799,10 +810,11 @@ def write_run(
 
     The run group gets status "running" (and `created` on its first write); only
     `mark_run(..., "complete")`, called last by the caller, makes it look done. Variables of
-    the same name are replaced; other variables and subgroups are kept. Different run ids
-    touch disjoint directories, so concurrent writers do not interfere. Variables get their
-    labels (`label_variables`), attrs their store-relative paths, and the store's
-    consolidated metadata is rewritten last (`consolidate`).
+    the same name are replaced, the `OPTIONAL_RESULT_VARIABLES` a result lacks are removed,
+    other variables and subgroups are kept. Different run ids touch disjoint directories, so
+    concurrent writers do not interfere. Variables get their labels (`label_variables`),
+    attrs their store-relative paths, and the store's consolidated metadata is rewritten last
+    (`consolidate`).
     """
     path = Path(path)
     _require_store_dir(path)
@@ -822,9 +834,9 @@ def write_run(
     run = recon.require_group(run_id)
     target = run.require_group(subgroup) if subgroup else run
     existing = set(dict(target.arrays()))
-    for name in out.variables:
-        if name in existing:
-            del target[name]
+    stale = set(OPTIONAL_RESULT_VARIABLES) - set(out.variables) if "object" in out else set()
+    for name in existing & (set(out.variables) | stale):
+        del target[name]
     # Replace the target group's attrs (a rewrite must not keep stale attrs) without touching
     # its children. The run group's in one write that says "running": at no moment of a
     # rewrite (a driver or worker may be killed at any) is the run without a status, or

@@ -4,7 +4,8 @@ opens the store and its runs in one read and without a warning; NaN stays NaN an
 in attrs are relative to the store.
 
 One tiny simulated store (40 x 40 object, 16 x 16 frames) and a 2-epoch tiny PtyINR run,
-plus an FRC half and curve written the way the run graph writes them.
+plus an FRC half (refining positions, so its `refined_positions` is checked too) and curve
+written the way the run graph writes them.
 """
 
 from __future__ import annotations
@@ -42,8 +43,15 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(overrides=[*TINY_MODEL, "train.epochs=2"])
     n = store.open_scan_store(path).sizes["scan"]
     reconstruct_store(path, config, run_id="r", progress=False, mark_complete=False)
+    refine = config.model_copy(
+        update={
+            "train": config.train.model_copy(
+                update={"refine_positions": True, "position_start_epoch": 0}
+            )
+        }
+    )
     reconstruct_store(
-        path, config, run_id="r", subgroup="half_a", indices=np.arange(0, n, 2), progress=False
+        path, refine, run_id="r", subgroup="half_a", indices=np.arange(0, n, 2), progress=False
     )
     full = store.open_run(path, "r").load()
     half = store.open_run(path, "r", "half_a").load()
@@ -75,7 +83,8 @@ def test_every_array_has_long_name_and_units_in_zarr(scan: Path) -> None:
                 "true_object_x", "reconstructions/r/object", "reconstructions/r/probe",
                 "reconstructions/r/loss", "reconstructions/r/epoch", "reconstructions/r/y",
                 "reconstructions/r/frc", "reconstructions/r/spatial_frequency",
-                "reconstructions/r/half_a/object"}  # fmt: skip
+                "reconstructions/r/half_a/object",
+                "reconstructions/r/half_a/refined_positions"}  # fmt: skip
     assert expected <= set(arrays)
     for name, arr in arrays.items():
         attrs = dict(arr.attrs)
@@ -92,6 +101,7 @@ def test_every_array_has_long_name_and_units_in_zarr(scan: Path) -> None:
     assert units["reconstructions/r/epoch"] == "1"
     assert units["reconstructions/r/spatial_frequency"] == "1/m"
     assert units["reconstructions/r/frc"] == "1"
+    assert units["reconstructions/r/half_a/refined_positions"] == "m"
 
 
 def test_every_variable_and_coordinate_is_labelled_in_xarray(scan: Path) -> None:

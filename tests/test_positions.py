@@ -12,6 +12,8 @@ unrefined one (full batch; 1.16x in batches of 64; this shared 2-core machine is
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import numpy as np
@@ -20,13 +22,14 @@ import torch
 import xarray as xr
 from tiny import TINY_MODEL
 
-from ptyinr import evaluate
+from ptyinr import evaluate, store
 from ptyinr.config import load_config
 from ptyinr.errors import InputError
 from ptyinr.launch import build_engine, fit_spawned
 from ptyinr.physics import ScanGeometry
+from ptyinr.reconstruct import reconstruct_store
 from ptyinr.scandata import Reconstruction, ScanData
-from ptyinr.simulate import SimulationConfig, simulate_scan
+from ptyinr.simulate import SimulationConfig, simulate_scan, write_simulated_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -249,11 +252,12 @@ def test_refinement_off_keeps_the_measured_windows(case):
 # ------------------------------------------------------------------------------ PtyINR, state
 
 
+SIM = SimulationConfig(object_size=40, probe_size=16, focus_fwhm_px=3, overlap=0.3)
+
+
 @pytest.fixture(scope="module")
 def small() -> dict:
-    sim = simulate_scan(
-        SimulationConfig(object_size=40, probe_size=16, focus_fwhm_px=3, overlap=0.3)
-    )
+    sim = simulate_scan(SIM)
     truth = np.asarray(sim["positions_px"])
     return {"sim": sim, "given": truth + position_errors(len(truth), seed=2, low=0.5, high=1.0)}
 
@@ -332,19 +336,126 @@ def test_two_ranks_refine_as_one_process(small):
     assert two.info["processes"] == 2
     assert np.abs(offsets_of(one)).max() > 0.01
     np.testing.assert_allclose(offsets_of(two), offsets_of(one), atol=2e-4)
+    assert two.refined_positions is not None and one.refined_positions is not None
+    np.testing.assert_allclose(two.refined_positions, one.refined_positions, atol=2e-4)
     np.testing.assert_allclose(two.loss.values, one.loss.values, rtol=1e-4)
 
 
 def test_refined_positions_are_recorded_in_the_positions_unit(small):
     """refined_positions = (measured px + offset) x pixel size: metres with geometry, px
-    without; the same numbers the offsets give."""
+    without; the same numbers the offsets give, labelled like the store's positions."""
     given = small["given"]
     pixel = (2.5e-8, 3.0e-8)
     for pixel_size, unit, factor in ((None, "px", np.ones(2)), (pixel, "m", np.asarray(pixel))):
         data = ScanData(small["sim"]["intensities"], given, pixel_size=pixel_size)
         result = build_engine(data, ptyinr_config("train.epochs=2")).fit(progress=False)
-        refined = np.asarray(result.info["refined_positions"], dtype=np.float64)
-        assert result.info["refined_positions_unit"] == unit == result.info["positions_unit"]
+        assert result.refined_positions is not None
+        da = result.refined_positions
+        assert da.dims == ("scan", "axis") and list(da["axis"].values) == ["y", "x"]
+        assert da.attrs["units"] == unit == result.info["positions_unit"]
+        assert "refined_positions" not in result.info  # no duplicate list in the attrs
         # the recorded offsets are rounded to 1e-4 px
-        np.testing.assert_allclose(refined / factor, given + offsets_of(result), atol=1e-4)
-        assert np.abs(refined / factor - given).max() > 0.01  # they did move
+        refined = da.values / factor
+        np.testing.assert_allclose(refined, given + offsets_of(result), atol=1e-4)
+        assert np.abs(refined - given).max() > 0.01  # they did move
+
+
+def test_a_subset_reports_every_store_position():
+    """A subset's refined positions go back to its rows of the scan; the other rows keep
+    the measured positions (ScanData.on_store_rows), also for a subset of a subset."""
+    positions = np.arange(20, dtype=np.float64).reshape(10, 2)
+    data = ScanData(np.zeros((10, 4, 4), np.float32), positions)
+    half = data.subset(np.arange(1, 10, 2))
+    quarter = half.subset(np.array([0, 3]))
+    np.testing.assert_array_equal(quarter.store_rows, [1, 7])
+    moved = quarter.on_store_rows(quarter.positions_px + 0.5)
+    expected = positions.copy()
+    expected[[1, 7]] += 0.5
+    np.testing.assert_array_equal(moved, expected)
+    np.testing.assert_array_equal(data.on_store_rows(positions), positions)
+    with pytest.raises(InputError, match="expected \\(2, 2\\)"):
+        quarter.on_store_rows(positions)
+
+
+# ------------------------------------------------------------------------ in the store
+
+
+@pytest.fixture(scope="module")
+def refined_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A simulated store (metres) with run "refined" (validation held out), its FRC half
+    "half_a" (every other position), and run "plain" without refinement."""
+    path = write_simulated_store(tmp_path_factory.mktemp("positions") / "scan.zarr", SIM)
+    n = store.open_scan_store(path).sizes["scan"]
+    cfg = ptyinr_config("train.epochs=2", "train.validation_fraction=0.2")
+    _, full = reconstruct_store(path, cfg, run_id="refined", progress=False, mark_complete=False)
+    half_rows = np.arange(0, n, 2)
+    _, half = reconstruct_store(
+        path, cfg, run_id="refined", subgroup="half_a", indices=half_rows, progress=False
+    )
+    plain = ptyinr_config("train.epochs=1", "train.refine_positions=false")
+    reconstruct_store(path, plain, run_id="plain", progress=False)
+    return {"path": path, "full": full, "half": half, "half_rows": half_rows}
+
+
+def test_refined_positions_are_a_variable_of_the_run_group(refined_store):
+    """xarray.open_zarr(store, group=run) shows refined_positions like the store's positions:
+    (scan, axis = [y, x]) in metres, = measured + offset x pixel size, one row per position
+    (held-out ones keep the measured value); the consolidated metadata lists it."""
+    path = refined_store["path"]
+    scan = xr.open_zarr(path)
+    run = xr.open_zarr(path, group="reconstructions/refined")
+    refined = run["refined_positions"]
+    assert refined.dims == scan["positions"].dims == ("scan", "axis")
+    assert list(refined["axis"].values) == list(scan["axis"].values) == ["y", "x"]
+    assert refined.attrs["units"] == scan["positions"].attrs["units"] == "m"
+    assert refined.attrs["long_name"] == store.VARIABLE_LABELS["refined_positions"][0]
+    assert refined.dtype == np.float64 and np.isfinite(refined.values).all()
+    measured = scan["positions"].values
+    pixel = np.asarray(store.object_pixel_size(scan, tuple(scan["intensities"].shape[1:])))
+    offsets = offsets_of(refined_store["full"])  # rounded to 1e-4 px
+    expected = measured + offsets * pixel
+    np.testing.assert_allclose(refined.values, expected, rtol=0, atol=1e-4 * pixel.max())
+    assert np.abs(offsets).max() > 0.01  # they did move
+    attrs = run.attrs
+    assert "refined_positions" not in attrs and "refined_positions_unit" not in attrs
+    assert len(attrs["position_offsets_px"]) == len(measured)
+    held_out = np.abs(offsets).sum(axis=1) == 0
+    assert held_out.any()
+    np.testing.assert_allclose(refined.values[held_out], measured[held_out], rtol=1e-12)
+    meta = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert "reconstructions/refined/refined_positions" in meta
+
+
+def test_a_half_run_has_one_row_per_store_position(refined_store):
+    """An FRC half's refined positions: its rows moved, the other half's measured."""
+    path = refined_store["path"]
+    measured = xr.open_zarr(path)["positions"].values
+    half = xr.open_zarr(path, group="reconstructions/refined/half_a")
+    refined = half["refined_positions"].values
+    rows = refined_store["half_rows"]
+    assert refined.shape == measured.shape and np.isfinite(refined).all()
+    others = np.setdiff1d(np.arange(len(measured)), rows)
+    np.testing.assert_allclose(refined[others], measured[others], rtol=1e-12)
+    assert np.abs(refined[rows] - measured[rows]).max() > 0
+    assert half.attrs["positions_used"] == rows.tolist()
+
+
+def test_a_run_without_refinement_has_no_refined_positions(refined_store):
+    run = xr.open_zarr(refined_store["path"], group="reconstructions/plain")
+    assert "refined_positions" not in run.variables
+    assert "position_offsets_px" not in run.attrs
+
+
+def test_a_rewritten_result_without_refinement_drops_the_old_positions(refined_store, tmp_path):
+    """write_run: a result rewritten without refined_positions (and its axis) removes them;
+    a write without an object (the FRC curve) keeps them."""
+    copy = tmp_path / "scan.zarr"
+    shutil.copytree(refined_store["path"], copy)
+    run = store.open_run(copy, "refined").load()
+    assert "refined_positions" in run and "axis" in run.coords
+    store.write_run(copy, "refined", run[["loss"]], attrs={})  # no object: a partial write
+    assert "refined_positions" in store.open_run(copy, "refined")
+    store.write_run(copy, "refined", run[["object", "probe", "loss"]], attrs={})
+    again = xr.open_zarr(copy, group="reconstructions/refined")
+    assert "refined_positions" not in again.variables and "axis" not in again.variables
+    assert {"object", "probe", "loss"} <= set(again.variables)

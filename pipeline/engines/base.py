@@ -146,6 +146,12 @@ class Engine(ABC):
         """Method-specific bookkeeping for the run's attrs."""
         return {}
 
+    def refined_positions_px(self) -> np.ndarray | None:
+        """(n_store, 2) (y, x) positions in object pixels after position refinement, one row
+        per store position (`ScanData.on_store_rows`): the result's `refined_positions`.
+        None (the default): the method does not refine positions."""
+        return None
+
     # -- shared by all ------------------------------------------------------------------------
 
     def measurements(self) -> Measurements:
@@ -306,6 +312,7 @@ class Engine(ABC):
             self.geometry,
             self.data.pixel_size,
             info,
+            refined_positions_px=again.refined_positions_px(),  # those the object goes with
         )
 
     def validate(self) -> bool:
@@ -400,6 +407,7 @@ class Engine(ABC):
             self.geometry,
             self.data.pixel_size,
             info,
+            refined_positions_px=self.refined_positions_px(),
         )
 
 

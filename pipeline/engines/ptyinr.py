@@ -21,7 +21,8 @@ wrapped share of the probe's intensity). The offsets move from epoch `position_s
 on (their own Adam group, rate `position_lr` under the same schedule); after every step their
 mean over the training positions is removed (a global shift is an object shift: unobservable)
 and each axis is clamped to `position_bound_px`. Held-out validation positions keep their
-measured positions.
+measured positions. The result carries them as `refined_positions` (scan, axis), one row per
+store position in the store's unit; the run's attrs keep the offsets in px.
 
 Measured intensities are divided by their global maximum (so beta has one meaning across
 datasets); the probe's learnable scale absorbs the detector's count scale. Representations
@@ -455,12 +456,22 @@ class PtyINREngine(Engine):
         return out
 
     @torch.no_grad()
+    def refined_positions_px(self) -> np.ndarray | None:
+        """Measured + learned offset, one row per store position (positions this data does
+        not hold, e.g. the other FRC half's, keep their measured value; held-out ones have a
+        zero offset); None without train.refine_positions."""
+        if not self.refine_positions:
+            return None
+        offsets = self.position_offset.detach().cpu().numpy().astype(np.float64)
+        return self.data.on_store_rows(np.asarray(self.data.positions_px, np.float64) + offsets)
+
+    @torch.no_grad()
     def position_record(self) -> dict[str, Any]:
-        """The refined positions for the run's attrs: a summary (`position_refinement`), the
-        offsets (`position_offsets_px`, (n, 2) [dy, dx] in object pixels, to add to the
-        measured positions in pixels: refined = positions + offset x pixel size) and the
-        refined positions themselves (`refined_positions`, (n, 2) [y, x] in the store's
-        positions unit, metres or px: `refined_positions_unit`)."""
+        """Position refinement for the run's attrs: a summary (`position_refinement`) and the
+        offsets (`position_offsets_px`, (n, 2) [dy, dx] in object pixels, one row per position
+        this fit used (`positions_used` where it used a subset), to add to the measured
+        positions: refined = positions + offset x pixel size). The refined positions
+        themselves are the result's `refined_positions` variable (`refined_positions_px`)."""
         train = self.config.train
         offsets = self.position_offset.detach().cpu().numpy().astype(np.float64)
         length = np.hypot(offsets[:, 0], offsets[:, 1])
@@ -478,15 +489,9 @@ class PtyINREngine(Engine):
             "windows_moved": int((moved != 0).any(axis=1).sum()),
             "wrapped_probe_intensity": wrapped_share(self.current_probe(), shifts),
         }
-        pixel = self.data.pixel_size
-        refined = (np.asarray(self.data.positions_px, np.float64) + offsets) * (
-            np.ones(2) if pixel is None else np.asarray(pixel, np.float64)
-        )
         return {
             "position_refinement": summary,
             "position_offsets_px": np.round(offsets, 4).tolist(),
-            "refined_positions": refined.tolist(),
-            "refined_positions_unit": "px" if pixel is None else "m",
         }
 
 
