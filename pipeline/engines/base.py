@@ -268,7 +268,7 @@ class Engine(ABC):
         epochs, as the validated run's did not: that run was planned for train.epochs).
         From the start rather than on from the chosen state: the chosen state's optimiser has
         already decayed its rates and seen the held-out frames never, and a continuation
-        would need its own, unvalidated length; measured in /tmp/notes/quality.md. The
+        would need its own, unvalidated length (benchmarks/RESULTS.md, "Refit on all"). The
         result is the refit's object and probe, with this run's loss curve and validation
         record (they match the held-out curve on the loss figure) and the refit's in
         `refit`. The refit writes no checkpoints and calls no on_epoch hook."""
