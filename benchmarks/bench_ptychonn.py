@@ -342,6 +342,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (all stages)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (PtyINR and PtychoNN)")
     parser.add_argument("--inr-epochs", type=int, default=None, help="override the scale's")
+    parser.add_argument(
+        "--nn-epochs", type=int, default=None, help="override the scale's PtychoNN epochs"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the stores here")
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress")
@@ -363,6 +366,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
+    if args.nn_epochs is not None:
+        scale = {**scale, "nn": {**scale["nn"], "epochs": args.nn_epochs}}
     epochs = args.inr_epochs or scale["inr_epochs"]
     out_path = args.out or Path(__file__).parent / "results" / f"ptychonn-{args.scale}.json"
     started = time.perf_counter()

@@ -7,6 +7,8 @@ learning rate (`lr` to `lr * lr_final` over the epochs), measures the validation
 every epoch, keeps the best weights and stops after `patience` epochs without improvement.
 On CUDA the forward pass runs under bf16 autocast (`precision = "auto"`, where the GPU has
 native bf16; the loss and the optimiser stay in float32); on CPU it is float32.
+After every epoch the BatchNorm statistics are recomputed over the training set
+(`recalibrate_batchnorm`), so validation and the saved model see the current weights' statistics.
 The loss is the L1 distance of amplitude and of phase (wrapped difference), each pixel
 weighted by the source run's probe intensity (floored at 1 % of its peak): outside the beam
 a single frame says nothing about the object. Progress goes to stderr, one line per epoch.
@@ -213,8 +215,13 @@ def pair_loss(
 
 
 def _batches(n: int, size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Index batches (shuffled with `rng`); a last batch of one joins the one before it, as
+    BatchNorm in training mode cannot normalise a single frame's 1 x 1 bottom features."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    return [order[i : i + size] for i in range(0, n, size)]
+    out = [order[i : i + size] for i in range(0, n, size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2:] = [np.concatenate(out[-2:])]
+    return out
 
 
 @torch.no_grad()
@@ -258,6 +265,35 @@ def evaluate(
         out["mean_patch_loss"] = out["mean_patch_amplitude_l1"] + out["mean_patch_phase_l1"]
     out["positions"] = float(len(dataset))
     return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    network: PtychoNN,
+    dataset: PairDataset,
+    device: torch.device,
+    batch_size: int,
+    bf16: bool = False,
+) -> None:
+    """Set every BatchNorm's running statistics to the mean over `dataset` of the current
+    weights' batch statistics. With few positions an epoch is a few steps, and the running
+    averages (momentum 0.1) still mix statistics of earlier weights: in evaluation mode the
+    network then predicts garbage, and early stopping keeps a bad epoch."""
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not norms or len(dataset) == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this pass
+    network.train()
+    for idx in _batches(len(dataset), batch_size, None):
+        x = dataset.batch(idx)[0].to(device)
+        with autocast(device, bf16):
+            network(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    network.eval()
 
 
 def mean_training_patch(dataset: PairDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,6 +375,7 @@ def fit_network(
         if not math.isfinite(train_loss):
             raise InputError(f"nn train: the loss became {train_loss} at epoch {epoch}; lower --lr")
         state.history["train_loss"].append(train_loss)
+        recalibrate_batchnorm(network, training.train, device, options.batch_size, bf16)
         if has_validation:
             value = evaluate(network, training.validation, device, bf16=bf16)["loss"]
         else:
