@@ -10,6 +10,8 @@ with the file dropped from the page cache first (posix_fadvise DONTNEED):
   with the zarrs codec pipeline when installed (the default);
 - ingest, python codecs: the same with zarr-python's own codec pipeline (`zarrs=False`),
   the "before" of issue 15, measured in the same run;
+- ingest, h5py reads: zarrs, but frames read through h5py rather than `os.preadv`
+  (`ptyinr.ingest.hdf5.RAW_READS = False`), the "before" of the raw-read fast path;
 - sha256 only: the hash pass ingest does first (to separate it from the copy).
 
 Imports are not timed, including those dask and xarray make on first use (distributed,
@@ -98,7 +100,10 @@ def child(mode: str, src: str, out: str) -> dict:
                 total += int(d[start : start + SLAB].nbytes)
     elif mode == "sha256":
         sha256_file(src)
-    elif mode in ("ingest", "ingest-python"):
+    elif mode in ("ingest", "ingest-python", "ingest-h5py"):
+        import ptyinr.ingest.hdf5
+
+        ptyinr.ingest.hdf5.RAW_READS = mode != "ingest-h5py"
         ingest_file(
             src,
             out,
@@ -110,7 +115,7 @@ def child(mode: str, src: str, out: str) -> dict:
                 "detector_pixel_size_m": "/entry/pixel_m",
             },
             overwrite=True,
-            zarrs=None if mode == "ingest" else False,
+            zarrs=False if mode == "ingest-python" else None,
         )
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -118,7 +123,7 @@ def child(mode: str, src: str, out: str) -> dict:
     return {"mode": mode, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": r1.ru_maxrss / 1024}
 
 
-MODES = ("plain", "sha256", "ingest-python", "ingest")
+MODES = ("plain", "sha256", "ingest-python", "ingest-h5py", "ingest")
 
 
 def best_of(src: Path, out: Path, repeat: int) -> dict[str, dict]:
@@ -181,7 +186,7 @@ def main() -> None:
         )
         try:
             best = best_of(src, out, args.repeat)
-            plain, sha, ing_py, ing = (best[m] for m in MODES)
+            plain, sha, ing_py, ing_h5, ing = (best[m] for m in MODES)
             row = {
                 "file_gb": size / 1e9,
                 "frames": n,
@@ -193,6 +198,10 @@ def main() -> None:
                 "ingest_python_gb_s": size / 1e9 / ing_py["wall_s"],
                 "ratio_ingest_python_to_plain": plain["wall_s"] / ing_py["wall_s"],
                 "ingest_python_wall_s": ing_py["wall_s"],
+                "ingest_h5py_gb_s": size / 1e9 / ing_h5["wall_s"],
+                "ratio_ingest_h5py_to_plain": plain["wall_s"] / ing_h5["wall_s"],
+                "ingest_h5py_wall_s": ing_h5["wall_s"],
+                "ingest_h5py_cpu_s": ing_h5["cpu_s"],
                 "ingest_cpu_s": ing["cpu_s"],
                 "ingest_python_cpu_s": ing_py["cpu_s"],
                 "repeat": args.repeat,
@@ -215,20 +224,23 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
     print()
     print(
-        "| file | frames | plain read | sha256 | ingest, python codecs | ingest (zarrs) | "
-        "python / plain | ingest / plain | CPU python / zarrs | peak RSS plain | "
-        "peak RSS ingest | store size |"
+        "| file | frames | plain read | sha256 | ingest, python codecs | ingest, h5py reads | "
+        "ingest | python / plain | h5py reads / plain | ingest / plain | "
+        "CPU python / h5py reads / ingest | peak RSS plain | peak RSS ingest | store size |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['file_gb']:.2f} GB | {r['frames']} x {FRAME}x{FRAME} u16 | "
             f"{r['plain_read_gb_s']:.2f} GB/s | {r['sha256_gb_s']:.2f} GB/s | "
             f"{r['ingest_python_gb_s']:.2f} GB/s ({r['ingest_python_wall_s']:.1f} s) | "
+            f"{r['ingest_h5py_gb_s']:.2f} GB/s ({r['ingest_h5py_wall_s']:.1f} s) | "
             f"{r['ingest_gb_s']:.2f} GB/s ({r['ingest_wall_s']:.1f} s) | "
             f"{r['ratio_ingest_python_to_plain']:.2f} | "
+            f"{r['ratio_ingest_h5py_to_plain']:.2f} | "
             f"{r['ratio_ingest_to_plain']:.2f} | "
-            f"{r['ingest_python_cpu_s']:.1f} / {r['ingest_cpu_s']:.1f} s | "
+            f"{r['ingest_python_cpu_s']:.1f} / {r['ingest_h5py_cpu_s']:.1f} / "
+            f"{r['ingest_cpu_s']:.1f} s | "
             f"{r['plain_peak_rss_mib']:.0f} MiB | "
             f"{r['ingest_peak_rss_mib']:.0f} MiB | {r['store_gb']:.2f} GB |"
         )

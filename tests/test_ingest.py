@@ -313,6 +313,49 @@ def test_streaming_reads_bounded_slabs(tmp_path, monkeypatch):
     assert sum(s for s in sizes if s == 5) >= 40
 
 
+@pytest.mark.parametrize(
+    ("dtype", "userblock", "chunks", "raw"),
+    [
+        ("<u2", 0, None, True),
+        ("<f4", 1024, None, True),  # offset counts the user block
+        (">u2", 0, None, False),  # byte swap needed: h5py reads it
+        ("<u2", 0, (2, 8, 8), False),  # chunked: h5py reads it
+    ],
+)
+def test_raw_reads_equal_h5py(tmp_path, dtype, userblock, chunks, raw):
+    """The pread fast path returns exactly what h5py returns, and is used only where HDF5
+    stores the bytes as they are."""
+    frames = np.random.default_rng(1).poisson(5, (7, 8, 8)).astype(dtype)
+    src = tmp_path / "r.h5"
+    with h5py.File(src, "w", userblock_size=userblock) as f:
+        f.create_dataset("data", data=frames, chunks=chunks)
+        f["pos"] = np.stack([np.arange(7.0), np.arange(7.0) * 2], axis=1)
+    with h5py.File(src, "r") as f:
+        offset = h5reader.raw_offset(f["data"])
+    assert (offset is not None) == raw
+    lazy = h5reader.H5Frames(str(src), "/data", frames.shape, np.dtype(dtype), offset)
+    for index in [(slice(2, 6), slice(None), slice(None)), (slice(0, 7), slice(0, 8), slice(0, 8))]:
+        np.testing.assert_array_equal(lazy[index], frames[index])
+    np.testing.assert_array_equal(lazy[1:3, 2:5, :], frames[1:3, 2:5, :])  # not whole frames
+    out = ingest_file(src, tmp_path / "r.zarr", keys=KEYS, frames_per_shard=3)
+    np.testing.assert_array_equal(store.open_scan_store(out)["intensities"].values, frames)
+
+
+def test_raw_read_of_truncated_file_fails(tmp_path):
+    """A file cut short after its frames were allocated: a clear error, not short frames."""
+    frames = np.arange(6 * 8 * 8, dtype=np.uint16).reshape(6, 8, 8)
+    src = _tiny_h5(tmp_path / "t.h5", frames)
+    with h5py.File(src, "r") as f:
+        offset = h5reader.raw_offset(f["data"])
+    assert offset is not None
+    lazy = h5reader.H5Frames(str(src), "/data", frames.shape, frames.dtype, offset)
+    with open(src, "r+b") as fh:
+        fh.truncate(offset + 3 * 8 * 8 * 2 + 5)
+    np.testing.assert_array_equal(lazy[0:3, :, :], frames[0:3])
+    with pytest.raises(IngestError, match=r"t\.h5: key /data: cannot read frames 2:6"):
+        lazy[2:6, :, :]
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

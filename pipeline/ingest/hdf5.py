@@ -24,6 +24,8 @@ worker can run them).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -56,18 +58,70 @@ DEFAULT_CANDIDATES = {
 # Frames per dask chunk: the scan store's shard target (32 MiB), so each chunk read from the
 # file is one shard written, without a rechunk (a concatenation copy) in between.
 _CHUNK_BYTES = 32 * 2**20
+# Read plain contiguous frames with os.preadv (see H5Frames); False: always through h5py
+# (a switch for benchmarks/bench_ingest.py's before/after and for tests).
+RAW_READS = True
 
 
 class H5Frames:
-    """A lazily read HDF5 dataset: opens the file for each slab read (thread/process safe)."""
+    """A lazily read HDF5 dataset: opens the file for each slab read (thread/process safe).
 
-    def __init__(self, path: str, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    `offset`: where a plain dataset's bytes start in the file (see `raw_offset`); slabs of
+    whole frames are then read with `os.preadv` straight into the array. Why: h5py holds
+    the GIL for the whole read and copies through a conversion buffer, which serialised the
+    copy with the hash and compression threads (ingest ran at the speed of one core); a
+    pread releases the GIL and costs a quarter of the CPU. The bytes are the same ones
+    HDF5 would return (no filters, no conversion).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        offset: int | None = None,
+    ) -> None:
         self.path, self.key = path, key
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.offset = offset
+
+    def _slab(self, index: Any) -> tuple[int, int] | None:
+        """(first, stop) along axis 0 if `index` selects whole frames of a 3-d array."""
+        if self.offset is None or self.ndim != 3 or not isinstance(index, tuple):
+            return None
+        if len(index) != 3 or not all(isinstance(i, slice) for i in index):
+            return None
+        first, stop, step = index[0].indices(self.shape[0])
+        if step != 1 or stop < first:
+            return None
+        for i, n in zip(index[1:], self.shape[1:], strict=True):
+            if i.indices(n) != (0, n, 1):
+                return None
+        return first, stop
+
+    def _pread(self, first: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - first, *self.shape[1:]), self.dtype)
+        want = out.nbytes
+        frame_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        start = int(self.offset or 0) + first * frame_bytes
+        view, got = memoryview(out).cast("B"), 0
+        with open(self.path, "rb", buffering=0) as fh:
+            while got < want:  # one call may return less (2 GiB cap, signals)
+                k = os.preadv(fh.fileno(), [view[got:]], start + got)
+                if k == 0:
+                    break
+                got += k
+        if got != want:
+            raise OSError(errno.EIO, f"short read: {got} of {want} bytes at offset {start}")
+        return out
 
     def __getitem__(self, index: Any) -> np.ndarray:
         try:
+            slab = self._slab(index)
+            if slab is not None:
+                return self._pread(*slab)
             with h5py.File(self.path, "r") as f:
                 return np.asarray(f[self.key][index])
         except (OSError, KeyError, RuntimeError) as exc:
@@ -171,7 +225,7 @@ def _dataset_frames(d: h5py.Dataset, path: Path, key: str, src: str) -> da.Array
             "numeric frames (frames, det_y, det_x)"
         )
     check_written(d, src, f"intensities={key}")
-    lazy = H5Frames(str(path), d.name, d.shape, d.dtype)
+    lazy = H5Frames(str(path), d.name, d.shape, d.dtype, raw_offset(d) if RAW_READS else None)
     if d.ndim == 2:
         chunks: tuple[int, ...] = d.shape
     else:
@@ -195,6 +249,28 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} PB"  # pragma: no cover
+
+
+def raw_offset(d: h5py.Dataset) -> int | None:
+    """Where the bytes of `d` start in its file, if HDF5 would return them unchanged: a
+    contiguous, allocated, unfiltered, non-external dataset of a native numeric dtype in a
+    plain (sec2) file. None otherwise (then h5py reads it)."""
+    try:
+        plist = d.id.get_create_plist()
+        if (
+            d.file.driver != "sec2"
+            or d.is_virtual
+            or d.external
+            or plist.get_layout() != h5py.h5d.CONTIGUOUS
+            or plist.get_nfilters() != 0
+            or d.dtype.kind not in "iuf"
+            or not d.dtype.isnative
+        ):
+            return None
+        offset = d.id.get_offset()
+    except (RuntimeError, ValueError, OSError):  # pragma: no cover - HDF5 cannot say
+        return None
+    return None if offset is None else int(offset)
 
 
 def written_extent(d: h5py.Dataset) -> tuple[int, int, str] | None:
