@@ -110,3 +110,38 @@ def validation_split(
     held = np.zeros(n, dtype=bool)
     held[order[start::step]] = True
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def validation_pixels(
+    frame_shape: tuple[int, int],
+    fraction: float,
+    seed: int,
+    bad_pixels: np.ndarray | None = None,
+    block: int = 1,
+) -> np.ndarray:
+    """Detector pixels held out for `train.validation_on = "pixels"`: a bool (Ny, Nx) mask,
+    the same for every frame, of `fraction` of the usable (not bad) pixels, drawn from the seed
+    as whole `block` x `block` squares of a grid tiling the detector (bad pixels inside a
+    chosen square stay bad, not held out). Random squares spread over the whole detector, so
+    every spatial frequency band keeps held-out pixels; fraction 0: none."""
+    ny, nx = (int(s) for s in frame_shape)
+    held = np.zeros((ny, nx), dtype=bool)
+    if fraction <= 0:
+        return held
+    usable = np.ones((ny, nx), bool) if bad_pixels is None else ~np.asarray(bad_pixels, bool)
+    block = max(int(block), 1)
+    by, bx = -(-ny // block), -(-nx // block)  # grid of squares, the last ones clipped
+    counts = np.add.reduceat(
+        np.add.reduceat(usable.astype(np.int64), np.arange(0, ny, block), axis=0),
+        np.arange(0, nx, block),
+        axis=1,
+    ).ravel()
+    candidates = np.flatnonzero(counts > 0)
+    order = np.random.default_rng([seed, 3]).permutation(candidates)
+    # squares in random order until their usable pixels reach the share (at least one)
+    target = max(fraction * float(counts.sum()), 1.0)
+    taken = int(np.searchsorted(np.cumsum(counts[order]), target - 0.5) + 1)
+    chosen = np.zeros(by * bx, dtype=bool)
+    chosen[order[:taken]] = True
+    grid = chosen.reshape(by, bx).repeat(block, axis=0).repeat(block, axis=1)
+    return grid[:ny, :nx] & usable

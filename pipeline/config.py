@@ -121,10 +121,25 @@ class TrainConfig(_Section):
         0.0,
         ge=0,
         le=0.5,
-        description="share of the positions held out (spread evenly over the scan) to measure "
-        "the fit on data it does not train on; 0 = off. With it, every `validate_every` "
+        description="share of the positions (spread evenly over the scan), or of the detector "
+        "pixels (validation_on), held out to measure the fit on data it does not train on; "
+        "0 = off. With it, every `validate_every` "
         "epochs the held-out loss is recorded, the state with the lowest one is kept "
         "(keep_best) and the run stops after `patience` validations without improvement",
+    )
+    validation_on: Literal["positions", "pixels"] = Field(
+        "positions",
+        description="what validation_fraction holds out: positions = that share of the scan "
+        "positions (never trained on); pixels = that share of the detector pixels (the same "
+        "ones in every frame, bad pixels excluded, in validation_block squares), dropped from "
+        "the training mask of every position while all positions train: for sparse scans, "
+        "where a held-out position's object is seen by no other one",
+    )
+    validation_block: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="side in detector pixels of the squares validation_on = pixels holds out",
     )
     validate_every: int = Field(1, ge=1, description="epochs between held-out evaluations")
     patience: int = Field(

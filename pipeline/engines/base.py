@@ -9,7 +9,13 @@ its geometry (object grid and windows), the frozen configuration and the resolve
 the same for every method, and so are the data term (`train.loss`, chosen once, "auto" from a
 sample of the frames: ptyinr.losses; recorded as `data_term`), held-out validation (keep the
 best state, stop early) and `train.refit` (fit again on all positions for the chosen number of
-epochs).
+epochs). Validation holds out positions, or (`train.validation_on = "pixels"`, for methods
+with `pixel_validation`) detector pixels: the same share of every frame, taken out of the
+training mask (`Measurements.valid`) of all positions, all of which then train; the held-out
+loss is the data term on those pixels (`Measurements.validation_valid`) at every position.
+On sparse scans a held-out position's object is seen by no other position, so its loss
+rises from the start for a pixel grid; held-out pixels do not have that problem
+(benchmarks/bench_validation.py --sparse).
 
 Checkpoints are Zarr groups of tensors plus a JSON record (ptyinr.engines.checkpoint): loading
 one never runs code. One that is not ours or is truncated is reported in one line and the run
@@ -32,10 +38,10 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ptyinr.batching import validation_split
+from ptyinr.batching import validation_pixels, validation_split
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines import checkpoint
-from ptyinr.errors import InputError, ReconstructionFailed
+from ptyinr.errors import ConfigError, InputError, ReconstructionFailed
 from ptyinr.losses import choose_loss, get_loss
 from ptyinr.physics import ScanGeometry
 from ptyinr.probe_guess import ProbeStart, TrialData, choose_probe_start, compact_patch
@@ -54,6 +60,9 @@ class Engine(ABC):
     data_parallel: ClassVar[bool] = False
     #: config sections a checkpoint must agree on to be resumed (what the state depends on)
     checkpoint_sections: ClassVar[tuple[str, ...]] = ("model", "data")
+    #: whether its training and `validation_loss` honour `Measurements.validation_valid`
+    #: (train.validation_on = "pixels")
+    pixel_validation: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -84,10 +93,16 @@ class Engine(ABC):
         self.seconds = 0.0
         self._measured: Measurements | None = None
         self.checkpoint_discarded: str | None = None  # why a checkpoint was not resumed
-        # positions the engine trains on, and those held out to choose the state it returns
-        self.training_positions, self.validation_positions = validation_split(
-            data.positions_px, config.train.validation_fraction, config.train.seed
-        )
+        # positions the engine trains on, and those held out to choose the state it returns;
+        # or (validation_on = "pixels") detector pixels held out of every position's frame
+        self.held_out_pixels = self.pixel_split(data, config)
+        if self.held_out_pixels is not None:
+            everything = np.arange(data.n_positions)
+            self.training_positions, self.validation_positions = everything, everything
+        else:
+            self.training_positions, self.validation_positions = validation_split(
+                data.positions_px, config.train.validation_fraction, config.train.seed
+            )
         self.validation = Validation()
         # the data term every method trains on and reports, chosen once (train.loss)
         self.loss_choice = choose_loss(config.train.loss, lambda: sample_frames(data))
@@ -109,6 +124,36 @@ class Engine(ABC):
         """The configuration as this engine runs it (e.g. pinning its representations), so
         the plan, the record and the checkpoint see what really runs. Default: unchanged."""
         return config
+
+    @classmethod
+    def pixel_split(cls, data: ScanData, config: ReconstructionConfig) -> np.ndarray | None:
+        """The detector pixels train.validation_on = "pixels" holds out (None otherwise):
+        ConfigError for a method that cannot, or when no usable pixel would be left."""
+        train = config.train
+        if train.validation_on != "pixels" or train.validation_fraction <= 0:
+            return None
+        if not cls.pixel_validation:
+            raise ConfigError(
+                f"train.validation_on = 'pixels': model.method = {cls.name!r} holds out "
+                "positions only; use validation_on = 'positions' or model.method = ptyinr, "
+                "pixels or epie"
+            )
+        held = validation_pixels(
+            data.frame_shape,
+            train.validation_fraction,
+            train.seed,
+            data.bad_pixels,
+            train.validation_block,
+        )
+        bad = data.bad_pixels
+        usable = held.size if bad is None else int((~np.asarray(bad, bool)).sum())
+        if not held.any() or int(held.sum()) >= usable:
+            raise ConfigError(
+                f"train.validation_fraction = {train.validation_fraction} with validation_on "
+                f"= 'pixels' holds out {int(held.sum())} of the {usable} usable detector "
+                "pixels; expected some held out and some left to train on"
+            )
+        return held
 
     # -- what each method provides ------------------------------------------------------------
 
@@ -163,6 +208,7 @@ class Engine(ABC):
             stream=self.runtime.stream,
             pin_memory=self.runtime.pin_memory,
             parallel=self.runtime.parallel,
+            held_out=self.held_out_pixels,
         )
         return self._measured
 
@@ -271,7 +317,9 @@ class Engine(ABC):
         would need its own, unvalidated length (benchmarks/RESULTS.md, "Refit on all"). The
         result is the refit's object and probe, with this run's loss curve and validation
         record (they match the held-out curve on the loss figure) and the refit's in
-        `refit`. The refit writes no checkpoints and calls no on_epoch hook."""
+        `refit`. The refit writes no checkpoints and calls no on_epoch hook. After
+        validation_on = "pixels" it fits every pixel, and chooses its probe start again (the
+        first one never saw the held-out pixels)."""
         chosen = self.validation.best_epoch
         train = self.config.train.model_copy(
             update={"epochs": chosen, "validation_fraction": 0.0, "refit": False}
@@ -283,7 +331,10 @@ class Engine(ABC):
             self.geometry,
             self.runtime,
             known_probe=self.known_probe,
-            probe_start=getattr(self, "probe_start", None),
+            # the same start, unless held-out pixels were hidden from it
+            probe_start=getattr(self, "probe_start", None)
+            if self.held_out_pixels is None
+            else None,
         )
         refitted = again.fit(progress=progress, description=f"{description} (refit on all)")
         info = dict(refitted.info)
@@ -293,7 +344,7 @@ class Engine(ABC):
             train_seconds=float(self.seconds + again.seconds),
             final_loss=float(self.loss_history[-1]) if self.loss_history else math.nan,
             validation={
-                **self.validation.record_for_attrs(len(self.validation_positions)),
+                **self.validation_record(),
                 "returned": "refit",
             },
             refit={
@@ -327,6 +378,19 @@ class Engine(ABC):
         if best and train.keep_best:
             self.validation.best_state = _copy_to_cpu(self.engine_state())
         return True
+
+    def validation_record(self) -> dict[str, Any]:
+        """The run's `validation` record: what was held out (`on`: positions or detector
+        pixels, and how many) and the held-out loss over the epochs."""
+        record = self.validation.record_for_attrs(len(self.validation_positions))
+        if self.held_out_pixels is None:
+            return {"on": "positions", **record}
+        return {
+            "on": "pixels",
+            **record,
+            "pixels": int(self.held_out_pixels.sum()),
+            "block": int(self.config.train.validation_block),
+        }
 
     def save_checkpoint(self, path: Path) -> None:
         """State and counters (ptyinr.engines.checkpoint), written whole by the root rank."""
@@ -388,11 +452,7 @@ class Engine(ABC):
             "data_term": self.loss_choice.record(),
             **self.runtime.record(),
             **self.info(),
-            **(
-                {"validation": self.validation.record_for_attrs(len(self.validation_positions))}
-                if len(self.validation_positions)
-                else {}
-            ),
+            **({"validation": self.validation_record()} if len(self.validation_positions) else {}),
             **(
                 {"checkpoint_discarded": self.checkpoint_discarded}
                 if self.checkpoint_discarded

@@ -65,6 +65,7 @@ class EpieEngine(Engine):
 
     name = "epie"
     data_parallel = False
+    pixel_validation = True
     checkpoint_sections = ("model", "data", "epie")
 
     @classmethod
@@ -88,11 +89,13 @@ class EpieEngine(Engine):
         self._corners = [(int(y), int(x)) for y, x in np.asarray(geometry.top_left)]
         frame_bytes = ny * nx * 8
         self._block = int(min(MAX_BLOCK, max(1, BLOCK_BYTES // (4 * frame_bytes))))
-        valid = self.measured.valid
-        self._valid = (
+        # trusted detector pixels, uncentred: the training mask, and the held-out loss's
+        # (train.validation_on = "pixels": the held-out pixels, which the updates keep free)
+        self._valid, self._validation_valid = (
             None
             if valid is None
             else torch.fft.ifftshift(torch.as_tensor(valid, dtype=torch.bool, device=device))
+            for valid in (self.measured.valid, self.measured.validation_valid)
         )
         # sub-pixel shifts: physics.fourier_shift's ramps, per axis, computed in float64
         self.subpixel = bool(np.abs(geometry.subpixel).max(initial=0.0) > 1e-6)
@@ -186,7 +189,8 @@ class EpieEngine(Engine):
 
     @torch.no_grad()
     def validation_loss(self, positions: np.ndarray) -> float:
-        """The data loss of the current object and probe at held-out positions."""
+        """The data loss of the current object and probe at held-out positions (on the
+        held-out detector pixels where validation_on = "pixels")."""
         ny, nx = self.geometry.window_shape
         beta = self.config.train.loss_beta
         total, count = 0.0, 0
@@ -202,7 +206,8 @@ class EpieEngine(Engine):
                 shifted, _ = self._shifted_probe(i)
                 far = torch.fft.fft2(shifted * self.object[y : y + ny, x : x + nx], norm="ortho")
                 intensity[j] = far.real.square() + far.imag.square()
-            total += float(self.loss_fn(intensity, amplitude, beta, self._valid)) * len(block)
+            value = self.loss_fn(intensity, amplitude, beta, self._validation_valid)
+            total += float(value) * len(block)
             count += len(block)
         return total / max(count, 1)
 

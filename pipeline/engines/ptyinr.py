@@ -70,6 +70,7 @@ class PtyINREngine(Engine):
 
     name = "ptyinr"
     data_parallel = True
+    pixel_validation = True
 
     def setup(self) -> None:
         """Everything this method builds before its first epoch."""
@@ -389,7 +390,8 @@ class PtyINREngine(Engine):
 
     @torch.no_grad()
     def validation_loss(self, positions: np.ndarray) -> float:
-        """The data loss at held-out positions, in chunks of the step's size (no gradients)."""
+        """The data loss at held-out positions, in chunks of the step's size (no gradients),
+        on the held-out detector pixels where validation_on = "pixels" (validation_valid)."""
         train = self.config.train
         chunk = self.runtime.frame_chunk or max(self.batch_size, 64)
         total, count = 0.0, 0
@@ -398,7 +400,9 @@ class PtyINREngine(Engine):
             batch = torch.as_tensor(part, device=self.device)
             predicted, _ = self.predict(batch)
             measured = self.measured.amplitude(batch, part)
-            value = self.loss_fn(predicted, measured, train.loss_beta, self.measured.valid)
+            value = self.loss_fn(
+                predicted, measured, train.loss_beta, self.measured.validation_valid
+            )
             total += float(value) * len(part)
             count += len(part)
         return total / max(count, 1)

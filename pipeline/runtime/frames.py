@@ -93,6 +93,7 @@ class FrameStream:
         stats: dict[str, Any] | None = None,
         share_stats: Callable[[dict[str, Any] | None], dict[str, Any]] | None = None,
         compute_stats: bool = True,
+        held_out: np.ndarray | None = None,
     ) -> None:
         self.frames = frames
         self.device = device
@@ -100,7 +101,9 @@ class FrameStream:
         self.frame_shape = (int(frames.shape[1]), int(frames.shape[2]))
         self.bad = None if bad_pixels is None else np.asarray(bad_pixels, bool)
         if stats is None:
-            stats = frame_stats(frames, self.bad) if compute_stats else None
+            # held-out detector pixels (validation) set no statistic, as bad ones
+            hidden = self.bad if held_out is None else _union(self.bad, held_out)
+            stats = frame_stats(frames, hidden) if compute_stats else None
             if share_stats is not None:
                 stats = share_stats(stats)
         assert stats is not None
@@ -216,7 +219,12 @@ class Measurements:
     """The measured amplitudes sqrt(clip(I, 0) / scale) of any batch on `device`, resident or
     streamed from the store (`stream`), with bad pixels zeroed (they carry no information:
     a hot or dead pixel must not set the intensity scale, the probe-scale start or the
-    data-derived probe guess; `valid` masks them out of the loss)."""
+    data-derived probe guess; `valid` masks them out of the loss).
+
+    `held_out` (train.validation_on = "pixels"): detector pixels kept for validation. Their
+    amplitudes are read as measured, but they set no statistic (scale, mean pattern, energy)
+    and `valid`, the training mask, excludes them; `validation_valid` is the mask of the
+    held-out loss: those pixels (not bad), or `valid` when nothing is held out."""
 
     def __init__(
         self,
@@ -226,10 +234,19 @@ class Measurements:
         stream: bool,
         pin_memory: bool = True,
         parallel: Any = None,
+        held_out: np.ndarray | None = None,
     ) -> None:
         self.device = device
         bad = None if data.bad_pixels is None else np.asarray(data.bad_pixels, bool)
         self.valid = None if bad is None else torch.as_tensor(~bad, device=device)
+        self.validation_valid = self.valid
+        hidden = bad
+        if held_out is not None:
+            held = np.asarray(held_out, bool)
+            hidden = _union(bad, held)
+            self.valid = torch.as_tensor(~hidden, device=device)
+            kept = held if bad is None else held & ~bad
+            self.validation_valid = torch.as_tensor(kept, device=device)
         self.stream: FrameStream | None = None
         self.resident: torch.Tensor | None = None
         if stream:
@@ -240,6 +257,7 @@ class Measurements:
                 bad_pixels=bad,
                 share_stats=None if parallel is None else parallel.broadcast_object,
                 compute_stats=parallel is None or parallel.is_root,
+                held_out=held_out,
             )
             self.scale = self.stream.scale
             self.mean_pattern = self.stream.mean_pattern
@@ -248,13 +266,19 @@ class Measurements:
         intensities = materialize(data.intensities)
         if bad is not None:
             intensities = np.where(bad, np.float32(0), intensities)
-        self.scale = float(max(intensities.max(), 1e-30))
-        self.mean_pattern = intensities.mean(axis=0)
+        seen = intensities if held_out is None else np.where(hidden, np.float32(0), intensities)
+        self.scale = float(max(seen.max(), 1e-30))
+        self.mean_pattern = seen.mean(axis=0)
+        del seen
         amplitude = np.clip(intensities, 0, None)  # in place from here: one temporary
         del intensities
         amplitude /= self.scale
         self.resident = torch.as_tensor(np.sqrt(amplitude, out=amplitude), device=device)
-        self.mean_energy = float(self.resident.square().sum(dim=(-2, -1)).mean())
+        energy = self.resident.square()
+        if held_out is not None:
+            energy = energy * self.valid
+        self.mean_energy = float(energy.sum(dim=(-2, -1)).mean())
+        del energy
 
     def amplitude(self, batch: torch.Tensor, batch_indices: np.ndarray) -> torch.Tensor:
         """Amplitudes (B, Ny, Nx) of the positions `batch` (a tensor on the device; the same
@@ -271,3 +295,9 @@ class Measurements:
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+
+
+def _union(bad: np.ndarray | None, held: np.ndarray) -> np.ndarray:
+    """Pixels that set no statistic: bad ones and held-out ones."""
+    held = np.asarray(held, bool)
+    return held if bad is None else np.asarray(bad, bool) | held
