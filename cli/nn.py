@@ -16,7 +16,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ptyinr.cli.common import Device, choice_option, console, err_console, parse_choice, user_errors
+from ptyinr.cli.common import (
+    Device,
+    choice_option,
+    console,
+    err_console,
+    parse_choice,
+    print_json,
+    user_errors,
+)
 
 nn_app = typer.Typer(
     help="PtychoNN previews: train a CNN on completed runs, inspect a model.",
@@ -193,7 +201,7 @@ def info(
     with user_errors():
         artifact = load_artifact(model)
     if as_json:
-        print(json.dumps(artifact.record, indent=2, sort_keys=True))
+        print_json(artifact.record)
         return
     _print_summary(model, artifact.record)
 

@@ -266,6 +266,9 @@ class Board:
     def __init__(self, runs: set[tuple[str, str, str]]) -> None:
         self.runs = set(runs)
         self._parts: dict[tuple[str, str, str], PartProgress] = {}
+        # each part's state as it entered each phase, until a log display takes them: a fast
+        # part can go from its first epoch to done between two refreshes of the display
+        self._entered: dict[tuple[str, str, str], list[PartProgress]] = {}
         self._lock = threading.Lock()
         self.received = 0
 
@@ -286,20 +289,34 @@ class Board:
             p = self._parts.setdefault(key, PartProgress(*key))
             if stamp < p.time:
                 return
+            before = phase_of(p.kind) if p.version else None
             _apply(p, msg)
             p.time = stamp
             p.version += 1
             self.received += 1
+            if phase_of(p.kind) != before:
+                self._entered.setdefault(key, []).append(dataclasses.replace(p))
 
     def parts(self) -> dict[tuple[str, str, str], PartProgress]:
         """A copy of every part's latest state."""
         with self._lock:
             return {k: dataclasses.replace(v) for k, v in self._parts.items()}
 
+    def take_entered(self) -> dict[tuple[str, str, str], list[PartProgress]]:
+        """Each part's states on entering a phase since the last call (then forgotten)."""
+        with self._lock:
+            entered, self._entered = self._entered, {}
+            return entered
+
     def part(self, store: str, run: str, part: str) -> PartProgress | None:
         with self._lock:
             p = self._parts.get((store, run, part))
             return None if p is None else dataclasses.replace(p)
+
+
+def phase_of(kind: str) -> str:
+    """The phase an event kind belongs to (a snapshot is taken during the epochs)."""
+    return "epoch" if kind == "snapshot" else kind
 
 
 def _int(value: Any, default: int = 0) -> int:

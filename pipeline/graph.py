@@ -284,7 +284,7 @@ def _identity(config: ReconstructionConfig) -> dict[str, Any]:
 
 
 def _float(value: Any) -> float:
-    """A float from an attr (JSON stores NaN as the string "NaN")."""
+    """A float from an attr (NaN is stored as NaN; stores of earlier versions hold "NaN")."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -1387,18 +1387,24 @@ class _LineDisplay:
 
     def refresh(self, client: Any, futures: Sequence[Any]) -> None:
         now = time.monotonic()
+        for key, entries in sorted(self.board.take_entered().items()):
+            for p in entries:  # every phase a part entered, even between two refreshes
+                if self._seen.get(key, 0) < p.version:
+                    self._print(key, p, now)
         for key, p in sorted(self.board.parts().items()):
             if self._seen.get(key) == p.version:
                 continue
-            phase = "epoch" if p.kind == "snapshot" else p.kind
             at, last_phase = self._printed.get(key, (-math.inf, ""))
-            if phase == last_phase and now - at < self.every_s:
+            if events.phase_of(p.kind) == last_phase and now - at < self.every_s:
                 continue
-            self._seen[key] = p.version
-            self._printed[key] = (now, phase)
-            h = self._names.get(key[:2])
-            name = _run_name(h) if h is not None else f"{Path(key[0]).name} {key[1]}"
-            self.line(f"{name} {_PART_NAMES.get(p.part, p.part)}: {p.text()}")
+            self._print(key, p, now)
+
+    def _print(self, key: tuple[str, str, str], p: events.PartProgress, now: float) -> None:
+        self._seen[key] = p.version
+        self._printed[key] = (now, events.phase_of(p.kind))
+        h = self._names.get(key[:2])
+        name = _run_name(h) if h is not None else f"{Path(key[0]).name} {key[1]}"
+        self.line(f"{name} {_PART_NAMES.get(p.part, p.part)}: {p.text()}")
 
     def finished(self, h: RunHandle) -> None:
         self.refresh(None, ())  # the parts' last lines first

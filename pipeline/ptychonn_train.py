@@ -15,12 +15,12 @@ a single frame says nothing about the object. Progress goes to stderr, one line 
 Seeds: torch and numpy from `seed`; the same inputs give the same model on the same device.
 
 Checkpoints and resume: after every `checkpoint_every` epochs the state goes to a folder next
-to the model (`.<name>.checkpoint/`): `state.safetensors` (the current and best weights, Adam's
-moment tensors) and `state.json` (epoch, step, best loss, history, the numpy generator's
-state, Adam's hyper-parameters, and a fingerprint of the options and sources). A later
-`train_ptychonn` with the same options and sources continues from it (an interrupted job
-rerun, or a Dask task retried); the result equals an uninterrupted training's. Nothing in it is
-pickled. It is removed once the model is saved.
+to the model (`.<name>.checkpoint/`): `state-<epoch>.safetensors` (the current and best
+weights, Adam's moment tensors) and `state.json` (epoch, step, best loss, history, the numpy
+generator's state, Adam's hyper-parameters, and a fingerprint of the options and sources). A
+later `train_ptychonn` with the same options and sources continues from it (an interrupted job
+rerun, or a Dask task retried); on the same device and precision the result equals an
+uninterrupted training's. Nothing in it is pickled. It is removed once the model is saved.
 
 `train_task` is the same as one Dask task: `ptyinr nn train --cluster ...` submits it asking
 for one GPU where the workers have GPUs (`cluster.task_resources`).
@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -323,8 +324,11 @@ def fit_network(
     `options.checkpoint_every` epochs and, when a checkpoint of the same `fingerprint` is
     there, training continues from it. `stop_after` ends after that epoch as an
     interruption would (the checkpoint stays; for tests and wall-time-limited jobs)."""
-    if len(training.train) == 0:
-        raise InputError("nn train: no training positions (raise --fraction)")
+    if len(training.train) < 2:  # BatchNorm normalises over a batch: one frame is none
+        raise InputError(
+            f"nn train: {len(training.train)} training position(s); expected at least 2 "
+            "(raise --fraction or train on more runs)"
+        )
     if options.threads > 0:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -425,7 +429,6 @@ def fit_network(
 # ------------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_JSON = "state.json"
-CHECKPOINT_TENSORS = "state.safetensors"
 
 
 @dataclass
@@ -468,7 +471,9 @@ def save_checkpoint(
     optimiser: torch.optim.Optimizer,
     rng: np.random.Generator,
 ) -> None:
-    """Write the state (tensors first, then the JSON that names them; each replaced whole)."""
+    """Write the state: the tensors under a new name first, then the JSON that names them
+    (replaced whole), then the old tensors go. A kill at any point leaves a JSON whose
+    tensors file exists and matches its checksum."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -480,10 +485,11 @@ def save_checkpoint(
         for name, value in entry.items():
             tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    tmp = folder / f"{CHECKPOINT_TENSORS}.tmp-{os.getpid()}"
+    name = f"state-{state.epoch:06d}.safetensors"
+    tmp = folder / f"{name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "epoch": str(state.epoch)})
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, folder / CHECKPOINT_TENSORS)
+    os.replace(tmp, folder / name)
     record = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
@@ -496,11 +502,15 @@ def save_checkpoint(
         "history": state.history,
         "rng": rng.bit_generator.state,
         "param_groups": saved["param_groups"],
+        "tensors": name,
         "tensors_sha256": digest,
     }
     tmp = folder / f"{CHECKPOINT_JSON}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record, sort_keys=True))
     os.replace(tmp, folder / CHECKPOINT_JSON)
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(
@@ -525,10 +535,13 @@ def load_checkpoint(
                 f"{where}: written by a training with other options or sources; remove it "
                 "or pass --no-resume to start over"
             )
-        raw = (folder / CHECKPOINT_TENSORS).read_bytes()
+        name = str(record["tensors"])
+        if not re.fullmatch(r"state-\d+\.safetensors", name):  # a name, never a path
+            raise ValueError(f"tensors {name!r}")
+        raw = (folder / name).read_bytes()
         if hashlib.sha256(raw).hexdigest() != record["tensors_sha256"]:
-            raise ValueError(f"{CHECKPOINT_TENSORS} checksum differs from {CHECKPOINT_JSON}")
-        tensors = load_file(str(folder / CHECKPOINT_TENSORS))
+            raise ValueError(f"{name} checksum differs from {CHECKPOINT_JSON}")
+        tensors = load_file(str(folder / name))
         network.load_state_dict(
             {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
         )

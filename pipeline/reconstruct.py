@@ -224,15 +224,27 @@ def write_snapshot(
 
 
 def open_snapshot(store_path: str | Path, run_id: str, part: str = "full") -> xr.Dataset | None:
-    """A running run's latest snapshot of `part` (lazy), or None when it has none."""
+    """A running run's latest snapshot of `part` (loaded), or None when it has none.
+
+    The writer replaces a snapshot in place while the fit goes on, so a read can land between
+    its arrays being removed and rewritten: such a read is retried, and after a few tries the
+    snapshot counts as absent (the next one is seconds to minutes away)."""
     group = Path(store_path) / store.RECONSTRUCTIONS / run_id / snapshot_group(part)
-    if not (group / "zarr.json").is_file():
-        return None
-    return store.open_run(store_path, run_id, snapshot_group(part))
+    for attempt in range(_SNAPSHOT_READ_TRIES):
+        if not (group / "zarr.json").is_file():
+            return None
+        try:
+            return store.open_run(store_path, run_id, snapshot_group(part)).load()
+        except (KeyError, FileNotFoundError, ValueError, OSError):  # being rewritten
+            time.sleep(0.2 * (attempt + 1))
+    return None
+
+
+_SNAPSHOT_READ_TRIES = 5
 
 
 def open_latest(store_path: str | Path, run_id: str, part: str = "full") -> xr.Dataset:
-    """What there is to look at of a run's part (lazy): its result once written, else, while
+    """What there is to look at of a run's part: its result once written (lazy), else, while
     it runs, its latest snapshot (attrs `snapshot_epoch` of `epochs`). InputError naming
     the store, run and part when there is neither (`ptyinr show` of a run just started)."""
     subgroup = None if part == "full" else part

@@ -178,6 +178,30 @@ def test_line_display_paces_a_part_by_time() -> None:
     assert len(log.getvalue().splitlines()) == 1  # the latest state, once
 
 
+def test_line_display_logs_every_phase_of_a_part_that_ends_between_two_refreshes() -> None:
+    """A fast part can go from loading through its epochs to done between two refreshes of
+    the log display: each phase it entered still gets its line, in order."""
+    console, log = _log_console()
+    board = events.Board({("/s.zarr", "r", "tok")})
+    sent: list[dict] = []
+    reporter = events.Reporter("/s.zarr", "r", "full", epochs=5, session="tok", every_s=0)
+    reporter.sink = sent.append
+    display = graph._LineDisplay(console, [], board, every_s=3600)
+    reporter.start()
+    reporter.fit_started()
+    for epoch in range(1, 6):
+        reporter.epoch(epoch, 1.0 / epoch)
+    reporter.done(5, 0.2)
+    for msg in sent:
+        board.handle((0.0, msg))
+    display.refresh(None, ())
+    lines = log.getvalue().splitlines()
+    assert [line.split(": ", 1)[1].split()[0] for line in lines] == ["loading", "epoch", "done:"]
+    assert "epoch 1/5" in lines[1]
+    display.refresh(None, ())
+    assert len(log.getvalue().splitlines()) == 3  # nothing twice
+
+
 def test_reporter_throttles_and_estimates_the_time_left() -> None:
     clock = [100.0]
     sent: list[dict] = []

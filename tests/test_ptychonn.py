@@ -387,7 +387,8 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(
     assert training["precision"] == "fp32"  # CPU: no autocast
     # a corrupt checkpoint: one line; resume=False starts over
     train_ptychonn(runs, tmp_path / "c", options, progress=False, stop_after=1)
-    (checkpoint_dir(tmp_path / "c") / "state.safetensors").write_bytes(b"\0" * 64)
+    (tensors,) = checkpoint_dir(tmp_path / "c").glob("state-*.safetensors")  # the old ones go
+    tensors.write_bytes(b"\0" * 64)
     with pytest.raises(InputError, match="corrupt"):
         train_ptychonn(runs, tmp_path / "c", options, progress=False)
     again = train_ptychonn(runs, tmp_path / "c", options, progress=False, resume=False)

@@ -26,6 +26,7 @@ configuration is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -218,7 +219,10 @@ class Engine(ABC):
         if self.known_probe is not None:
             return ProbeStart(None, {"method": "known"})
         if self._given_probe_start is not None:
-            return self._given_probe_start
+            # a copy: this engine records into its own start (a refit's must not overwrite
+            # the first fit's record)
+            given = self._given_probe_start
+            return dataclasses.replace(given, record=dict(given.record))
         data = self.data
 
         def trial() -> TrialData:  # a compact patch of the scan for the trial fits
