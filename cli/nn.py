@@ -399,25 +399,9 @@ def _preview_specs(
 
 
 def _preview_table(bad: list[tuple[Path, str]], outcomes: list) -> None:
-    from rich.table import Table
+    from ptyinr.cli.run import outcome_table
 
-    from ptyinr.cli.run import _number, _resolution_text, _status_text
-
-    table = Table(title="ptyinr preview")
-    for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
-        table.add_column(col, overflow="fold")
-    for path, reason in bad:
-        table.add_row(path.name, "-", f"[red]skipped: {escape(reason)}", "-", "-", "-")
-    for o in outcomes:
-        table.add_row(
-            o.store.name,
-            o.run_id,
-            _status_text(o),
-            _resolution_text(o),
-            _number(o.final_loss),
-            _number(o.wall_seconds, ".1f"),
-        )
-    console.print(table)
+    console.print(outcome_table("ptyinr preview", outcomes, skipped=bad))
 
 
 def register(app: typer.Typer) -> None:

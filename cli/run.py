@@ -16,6 +16,7 @@ import datetime as dt
 import glob
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -276,19 +277,7 @@ def run(
         print_json([outcome_json(o) for o in outcomes])
         _exit_for(outcomes)
         return
-    table = Table(title="ptyinr run")
-    for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
-        table.add_column(col, overflow="fold")
-    for o in outcomes:
-        table.add_row(
-            o.store.name,
-            o.run_id,
-            _status_text(o),
-            _resolution_text(o),
-            _number(o.final_loss),
-            _number(o.wall_seconds, ".1f"),
-        )
-    console.print(table)
+    console.print(outcome_table("ptyinr run", outcomes))
     for o in outcomes:
         if o.figures_dir and o.status == "complete":
             console.print(f"figures of {o.store.name} {o.run_id}: {o.figures_dir}", highlight=False)
@@ -549,3 +538,25 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run)
     app.command("scan")(scan)
     app.command("results")(results)
+
+
+def outcome_table(
+    title: str, outcomes: Sequence[Any], skipped: Sequence[tuple[Path, str]] = ()
+) -> Table:
+    """The table of runs `run` and `preview` print: one row per outcome, and one per store
+    `skipped` before it ran (with the reason)."""
+    table = Table(title=title)
+    for col in ("store", "run", "status", "resolution", "final loss", "time (s)"):
+        table.add_column(col, overflow="fold")
+    for path, reason in skipped:
+        table.add_row(path.name, "-", f"[red]skipped: {escape(reason)}", "-", "-", "-")
+    for o in outcomes:
+        table.add_row(
+            o.store.name,
+            o.run_id,
+            _status_text(o),
+            _resolution_text(o),
+            _number(o.final_loss),
+            _number(o.wall_seconds, ".1f"),
+        )
+    return table
