@@ -240,7 +240,7 @@ def trainer_values(trainer: Any) -> np.ndarray:
     import torch
 
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        return trainer.object.full().numpy().astype(np.complex64)
+        return trainer.object.full().cpu().numpy().astype(np.complex64)
 
 
 def gemm_ceiling_s(flops: float, precision: str, rates: dict[str, float]) -> float:

@@ -70,8 +70,15 @@ TILED_PIXEL_BYTES = 24
 # their gradient (complex64 leaf) kept between the chunks of a step
 CHUNKED_PIXEL_BYTES = 24
 # forward model, per frame pixel of the batch, besides the inverse index (8 B): patches,
-# shifted probes, far field, amplitudes and their gradients (measured on CPU, 64 x 64 frames)
-FORWARD_BYTES = {"subpixel": 50, "whole": 42}
+# shifted probes, far field, amplitudes and their gradients. CPU: measured (64 x 64 frames).
+# CUDA keeps more (cuFFT's out-of-place transforms and workspaces, autograd's complex
+# buffers): on an H200 the unchunked 40,401 x 220 x 220 sub-pixel step ran out of memory
+# asking for 29.2 GiB with 116.7 GiB in use, so it needed more than 73 B per frame pixel
+# (benchmarks/RESULTS.md, "GPU"); 96 is that lower bound plus a margin, not a measured peak
+FORWARD_BYTES = {
+    "cpu": {"subpixel": 50, "whole": 42},
+    "cuda": {"subpixel": 96, "whole": 81},
+}
 # window indices + torch.unique (sort, inverse), per frame pixel; transient before the
 # object networks run, the inverse (8 B) stays
 UNIQUE_BYTES = 40
@@ -309,7 +316,8 @@ def estimate_memory(
         obj = u * TILED_PIXEL_BYTES + TILES_ALIVE * tile_pixels * per_pixel
     else:
         obj = u * per_pixel
-    forward = frame_px * (FORWARD_BYTES["subpixel" if wl.subpixel else "whole"] + 8)
+    per_frame_pixel = FORWARD_BYTES.get(device_type, FORWARD_BYTES["cuda"])
+    forward = frame_px * (per_frame_pixel["subpixel" if wl.subpixel else "whole"] + 8)
     if chunked:
         # the union is merged chunk by chunk (a chunk's unique pixels next to the union)
         obj += u * CHUNKED_PIXEL_BYTES
