@@ -151,6 +151,32 @@ def _execute(
         )
 
 
+def _run_spec(
+    store: Path,
+    config: Any,
+    run_id: str,
+    frc: bool,
+    figures_dir: Path | None,
+    force: bool,
+    preprocess: Any | None,
+    label: tuple = (),
+) -> graph.RunSpec:
+    """One node of the graph; figures go to FIGURES/<store stem>/<run id>."""
+    from ptyinr import graph
+
+    figures = figures_dir / store.name.removesuffix(".zarr") / run_id if figures_dir else None
+    return graph.RunSpec(
+        store=store,
+        config=config,
+        run_id=run_id,
+        frc=frc,
+        figures_dir=figures,
+        force=force,
+        label=label,
+        preprocess=preprocess,
+    )
+
+
 def _status_text(o: graph.RunOutcome) -> str:
     if o.status == "failed":
         where = "" if o.recorded else " (not recorded in the store)"
@@ -236,7 +262,6 @@ def run(
 
     Per store: full reconstruction, two half-scan reconstructions, FRC between the halves,
     figures; results go to STORE/reconstructions/<run_id> (halves under half_a, half_b)."""
-    from ptyinr import graph
     from ptyinr.config import load_config
     from ptyinr.reconstruct import new_run_id, resolve_config
 
@@ -257,21 +282,10 @@ def run(
             or run_id != run_id.strip()
         ):
             raise InputError(f"--run-id {run_id!r}: expected a non-empty name without '/'")
-        specs = []
-        for path in stores:
-            rid = run_id or new_run_id()
-            figs = figures_dir / path.name.removesuffix(".zarr") / rid if figures_dir else None
-            specs.append(
-                graph.RunSpec(
-                    store=path,
-                    config=cfg,
-                    run_id=rid,
-                    frc=not no_frc,
-                    figures_dir=figs,
-                    force=force,
-                    preprocess=pre,
-                )
-            )
+        specs = [
+            _run_spec(path, cfg, run_id or new_run_id(), not no_frc, figures_dir, force, pre)
+            for path in stores
+        ]
         outcomes = _execute(cluster, workers, specs, retries, quiet, insecure)
     if as_json:
         print_json([outcome_json(o) for o in outcomes])
@@ -386,23 +400,20 @@ def scan(
         for point in graph.iter_grid(parsed):
             overrides = base + [_grid_override(k, v) for k, v in point]
             configs.append((point, resolve_config(load_config(config, overrides))))
-        specs = []
-        for path in stores:
-            for point, cfg in configs:
-                rid = graph.config_run_id(cfg, frc=not no_frc, preprocess=pre)
-                figs = figures_dir / path.name.removesuffix(".zarr") / rid if figures_dir else None
-                specs.append(
-                    graph.RunSpec(
-                        store=path,
-                        config=cfg,
-                        run_id=rid,
-                        frc=not no_frc,
-                        figures_dir=figs,
-                        force=force,
-                        label=point,
-                        preprocess=pre,
-                    )
-                )
+        specs = [
+            _run_spec(
+                path,
+                cfg,
+                graph.config_run_id(cfg, frc=not no_frc, preprocess=pre),
+                not no_frc,
+                figures_dir,
+                force,
+                pre,
+                label=point,
+            )
+            for path in stores
+            for point, cfg in configs
+        ]
         out_dir = out or Path(f"ptyinr-scan-{dt.datetime.now():%Y%m%d-%H%M%S}")
         progress_console.print(
             f"scan: {len(stores)} store(s) x {len(configs)} configuration(s) = {len(specs)} runs",
