@@ -12,14 +12,19 @@ Events are plain dicts (msgpack-able), one per:
 - `warm_start`  a check of the probe warm start (`ProbeField.fit_to`'s callback);
 - `epoch`       an epoch ended: epoch, epochs, loss, seconds per epoch, ETA;
 - `snapshot`    object and probe were written to the run group (`train.snapshot_every`);
+- `refit`       validation chose its epoch; the refit on all positions (`train.refit`) begins:
+                its epochs (and its probe warm start, if any) follow with `phase = "refit"`;
 - `done`        the part's fit ended.
+
+A data-parallel fit (ptyinr.launch) reports from rank 0: on a Dask worker straight to the
+scheduler, from a spawned process through a queue the launching process forwards (`forward`).
 
 A worker sends at most one `epoch` / `warm_start` event per part every `EVENT_EVERY_S`
 seconds (plus the first and the last epoch): a fast engine's thousands of epochs must not
 flood the scheduler. Publishing never raises: progress must not fail a reconstruction.
 
-Layer: the lowest (with ptyinr.errors): it imports no other ptyinr module, so launch,
-reconstruct, the engines and the graph can all use it.
+Layer: the lowest but one (with ptyinr.errors and ptyinr.progress): it imports only
+ptyinr.progress_common, so launch, reconstruct, the engines and the graph can all use it.
 """
 
 from __future__ import annotations
@@ -34,21 +39,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ptyinr.progress_common import dask_worker, format_seconds
+
 TOPIC = "ptyinr-progress"
 EVENT_EVERY_S = 1.0  # at most one epoch (or warm start) event per part per second
-KINDS = ("start", "warm_start", "epoch", "snapshot", "done")
+KINDS = ("start", "warm_start", "epoch", "snapshot", "refit", "done")
+REFIT = "refit"  # the phase of a refit's events
 
 Sink = Callable[[dict[str, Any]], None]
-
-
-def _worker() -> Any:
-    """The Dask worker running this code, or None (a plain process, a test)."""
-    try:
-        from distributed import get_worker
-
-        return get_worker()
-    except (ImportError, ValueError):
-        return None
 
 
 def _number(value: Any) -> float | None:
@@ -72,7 +70,8 @@ class Reporter:
     `session` is the driver's token (ptyinr.graph.RunSpec.session): a display takes only the
     events of the runs it submitted, not those of an earlier attempt of the same run id.
     `sink` receives the events instead of the Dask worker (tests, or a process that is not
-    a worker); with neither, events are dropped.
+    a worker); with neither, events are dropped. `phase` marks the events of a later phase
+    of the same part (`refit`); empty for the fit itself.
     """
 
     store: str
@@ -83,6 +82,7 @@ class Reporter:
     warm_start_steps: int = 0
     every_s: float = EVENT_EVERY_S
     sink: Sink | None = None
+    phase: str = ""
     clock: Callable[[], float] = time.monotonic
     _last_sent: float = field(default=-math.inf, init=False, repr=False)
     _fit_started: float | None = field(default=None, init=False, repr=False)
@@ -101,13 +101,19 @@ class Reporter:
             "part": self.part,
             "session": self.session,
             "time": time.time(),
+            **({"phase": self.phase} if self.phase else {}),
             **fields,
         }
+        self.forward(msg)
+
+    def forward(self, msg: dict[str, Any]) -> None:
+        """Send an event made elsewhere (a spawned rank's, which has no Dask worker) the way
+        this reporter sends its own (never raises)."""
         try:
             if self.sink is not None:
                 self.sink(msg)
                 return
-            worker = _worker()
+            worker = dask_worker()
             if worker is not None:
                 worker.log_event(TOPIC, msg)
         except Exception:  # a closing worker, an odd value: progress is never worth a failure
@@ -164,6 +170,19 @@ class Reporter:
             steps=int(self.warm_start_steps),
             error=_number(error),
         )
+
+    def refit(self, epochs: int, validated_epochs: int) -> Reporter:
+        """`train.refit`: validation chose `epochs` of the `validated_epochs` run; a fit on
+        all positions for that many epochs begins. Returns the reporter of that refit (its
+        events carry `phase = "refit"`; throttled on their own, its first epoch always sent)."""
+        self.publish("refit", epoch=0, epochs=int(epochs), validated_epochs=int(validated_epochs))
+        return dataclasses.replace(self, epochs=int(epochs), phase=REFIT)
+
+    def for_process(self, sink: Sink | None) -> Reporter:
+        """A fresh copy of this reporter for another process (a data-parallel rank 0):
+        picklable (`sink` replaces this one's, the clock is time.monotonic); on a Dask worker
+        with sink None it sends through that worker."""
+        return dataclasses.replace(self, sink=sink, clock=time.monotonic)
 
     def snapshot(self, epoch: int, group: str) -> None:
         self.publish("snapshot", epoch=int(epoch), epochs=int(self.epochs), group=group)
@@ -225,34 +244,40 @@ class PartProgress:
     seconds_per_epoch: float | None = None
     warm_start: tuple[int, int, int, float | None] | None = None  # attempt, step, steps, error
     seconds: float | None = None
+    refit: bool = False  # in the refit on all positions (train.refit)
+    validated_epochs: int = 0  # the epochs of the validated fit before a refit
     time: float = 0.0  # worker clock of the last event
     version: int = 0  # bumped on every accepted event
 
+    @property
+    def phase(self) -> str:
+        """The phase the part is in: start, warm_start, epoch, refit, refit epoch, refit
+        warm_start, done (a display writes a line as a part enters each)."""
+        base = phase_of(self.kind)
+        return f"{REFIT} {base}" if self.refit and base in ("epoch", "warm_start") else base
+
     def text(self) -> str:
-        """'epoch 12/30  loss 1.23e-03  ETA 41 s', 'warm start 20/100 ...', 'done ...'."""
+        """'epoch 12/30  loss 1.23e-03  ETA 41 s', 'warm start 20/100 ...', 'done ...';
+        'refit: epoch 3/12 ...' in a refit."""
         loss = "-" if self.loss is None else f"{self.loss:.3e}"
+        prefix = f"{REFIT}: " if self.refit else ""
         if self.kind == "done":
             took = "" if self.seconds is None else f" in {format_seconds(self.seconds)}"
             return f"done: {self.epoch} epochs, loss {loss}{took}"
+        if self.kind == REFIT:
+            return (
+                f"validation chose epoch {self.epochs} of {self.validated_epochs}: refit on "
+                f"all positions for {self.epochs} epochs"
+            )
         if self.kind in ("epoch", "snapshot") and self.epoch:
             eta = "-" if self.eta_s is None else format_seconds(self.eta_s)
-            return f"epoch {self.epoch}/{self.epochs}  loss {loss}  ETA {eta}"
+            return f"{prefix}epoch {self.epoch}/{self.epochs}  loss {loss}  ETA {eta}"
         if self.kind == "warm_start" and self.warm_start is not None:
             attempt, step, steps, error = self.warm_start
             err = "-" if error is None else f"{error:.3g}"
             total = f"/{steps}" if steps else ""
-            return f"probe warm start: attempt {attempt}, step {step}{total}, error {err}"
+            return f"{prefix}probe warm start: attempt {attempt}, step {step}{total}, error {err}"
         return "loading data, building the model"
-
-
-def format_seconds(seconds: float) -> str:
-    """'41 s', '3 min 05 s', '2 h 10 min'."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class Board:
@@ -289,12 +314,12 @@ class Board:
             p = self._parts.setdefault(key, PartProgress(*key))
             if stamp < p.time:
                 return
-            before = phase_of(p.kind) if p.version else None
+            before = p.phase if p.version else None
             _apply(p, msg)
             p.time = stamp
             p.version += 1
             self.received += 1
-            if phase_of(p.kind) != before:
+            if p.phase != before:
                 self._entered.setdefault(key, []).append(dataclasses.replace(p))
 
     def parts(self) -> dict[tuple[str, str, str], PartProgress]:
@@ -336,10 +361,13 @@ def _apply(p: PartProgress, msg: dict[str, Any]) -> None:
             _number(msg.get("error")),
         )
         p.kind = kind
+        p.refit = msg.get("phase") == REFIT
         return
     p.epochs = _int(msg.get("epochs"), p.epochs)
-    if kind == "start":
+    if kind in ("start", REFIT):
         p.kind, p.epoch, p.loss, p.eta_s, p.warm_start, p.seconds = kind, 0, None, None, None, None
+        p.refit = kind == REFIT
+        p.validated_epochs = _int(msg.get("validated_epochs")) if p.refit else 0
         return
     p.epoch = _int(msg.get("epoch"), p.epoch)
     if kind == "snapshot":
@@ -349,6 +377,7 @@ def _apply(p: PartProgress, msg: dict[str, Any]) -> None:
     p.kind = kind
     p.loss = _number(msg.get("loss"))
     if kind == "epoch":
+        p.refit = msg.get("phase") == REFIT
         p.eta_s = _number(msg.get("eta_s"))
         p.seconds_per_epoch = _number(msg.get("seconds_per_epoch"))
     else:  # done
@@ -408,6 +437,7 @@ def subscribe(client: Any, handler: Callable[[Any], None]) -> Callable[[], None]
 
 __all__ = [
     "EVENT_EVERY_S",
+    "REFIT",
     "TOPIC",
     "Board",
     "PartProgress",

@@ -1348,9 +1348,9 @@ class _Display:
 class _LineDisplay:
     """Plain timestamped lines, for a stderr that is not a terminal (a SLURM driver log,
     `2> run.log`), where a live view would show nothing until the end: one line per part as
-    it enters each phase (loading, probe warm start, epochs: the first ETA, done), in between
-    at most one every `every_s` seconds (epoch, loss, ETA) and only when it moved on; one
-    line per run when it ends."""
+    it enters each phase (loading, probe warm start, epochs: the first ETA, a refit and its
+    epochs, done), in between at most one every `every_s` seconds (epoch, loss, ETA) and only
+    when it moved on; one line per run when it ends."""
 
     def __init__(
         self, console: Any, handles: Sequence[RunHandle], board: events.Board, every_s: float
@@ -1395,13 +1395,13 @@ class _LineDisplay:
             if self._seen.get(key) == p.version:
                 continue
             at, last_phase = self._printed.get(key, (-math.inf, ""))
-            if events.phase_of(p.kind) == last_phase and now - at < self.every_s:
+            if p.phase == last_phase and now - at < self.every_s:
                 continue
             self._print(key, p, now)
 
     def _print(self, key: tuple[str, str, str], p: events.PartProgress, now: float) -> None:
         self._seen[key] = p.version
-        self._printed[key] = (now, events.phase_of(p.kind))
+        self._printed[key] = (now, p.phase)
         h = self._names.get(key[:2])
         name = _run_name(h) if h is not None else f"{Path(key[0]).name} {key[1]}"
         self.line(f"{name} {_PART_NAMES.get(p.part, p.part)}: {p.text()}")

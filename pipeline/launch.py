@@ -16,6 +16,13 @@ Every rank builds the same engine (same seed; parameters are also broadcast from
 walks the same seeded schedule of global batches; how a rank takes its share of a batch and
 all-reduces its gradients is in ptyinr.runtime.collectives. Rank 0 reports progress, writes
 checkpoints and returns the result.
+
+Live progress (ptyinr.events): the current reporter of the launching task (set by
+ptyinr.reconstruct) travels with the job, and rank 0 sends the events a fit in this process
+sends (epochs, probe warm start, a refit): a Dask rank straight to the scheduler through its
+worker; a spawned rank into a queue that the launching process drains while it waits and
+forwards through its reporter (a spawned process is no Dask worker). Snapshots
+(train.snapshot_every) are not taken in a data-parallel fit.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ptyinr import events
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines import Engine, get_engine
 from ptyinr.errors import InputError, ReconstructionFailed
@@ -102,7 +110,8 @@ def fit(
     `on_epoch(epoch, loss)` after every epoch, and `on_snapshot(epoch, result)` every
     `snapshot_every` epochs before the last with the current object and probe (a look at a
     running fit; ptyinr.reconstruct writes it into the run group). The data-parallel paths
-    report through their own progress bar only.
+    do not call these hooks (they are this process's): their rank 0 reports its epochs to
+    the current ptyinr.events reporter instead, and takes no snapshots.
     """
     if world_size > 1 or client is not None:
         get_engine(config.model.method).check_ranks(world_size)
@@ -116,6 +125,7 @@ def fit(
             checkpoint_path=checkpoint_path,
             progress=progress,
             description=description,
+            reporter=events.current(),
         )
     engine = build_engine(data, config, known_probe=known_probe, geometry=geometry)
     if on_start is not None:
@@ -185,6 +195,8 @@ class RankJob:
     threads: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
     frames: torch.Tensor | None = None
+    #: rank 0's live progress (ptyinr.events; a copy for its process), None: none
+    reporter: events.Reporter | None = None
 
 
 def backend_for(use_cuda: bool) -> str:
@@ -211,20 +223,25 @@ def run_rank(job: RankJob, rank: int, store: dist.Store, local_device: int = 0) 
         timeout=dt.timedelta(seconds=job.timeout_s),
         **({"device_id": device} if job.use_cuda else {}),
     )
+    reporter = job.reporter if rank == 0 else None
     try:
-        engine = build_engine(
-            data,
-            job.config,
-            known_probe=job.known_probe,
-            geometry=job.geometry,
-            parallel=ParallelContext(rank, job.world_size),
-            device=device,
-        )
-        result = engine.fit(
-            checkpoint_path=job.checkpoint_path,
-            progress=job.progress and rank == 0,
-            description=job.description,
-        )
+        with events.reporting(reporter):  # the probe warm start and a refit report to it
+            engine = build_engine(
+                data,
+                job.config,
+                known_probe=job.known_probe,
+                geometry=job.geometry,
+                parallel=ParallelContext(rank, job.world_size),
+                device=device,
+            )
+            if reporter is not None:
+                reporter.fit_started()
+            result = engine.fit(
+                checkpoint_path=job.checkpoint_path,
+                progress=job.progress and rank == 0,
+                description=job.description,
+                on_epoch=None if reporter is None else reporter.epoch,
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -275,9 +292,11 @@ def fit_spawned(
     description: str = "reconstructing",
     threads_per_process: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    reporter: events.Reporter | None = None,
 ) -> Reconstruction:
     """Train one reconstruction in `world_size` local processes (Gloo on CPU; NCCL with one
-    GPU per process when use_cuda); returns rank 0's Reconstruction."""
+    GPU per process when use_cuda); returns rank 0's Reconstruction. Rank 0's live events
+    come back through a queue and go out through `reporter` here."""
     import torch.multiprocessing as mp
 
     if world_size < 1:
@@ -290,6 +309,7 @@ def fit_spawned(
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         threads_per_process = max(1, cores // world_size)
     light, frames = _share(data)
+    sent = None if reporter is None else mp.get_context("spawn").SimpleQueue()
     job = RankJob(
         data=light,
         config=config,
@@ -303,14 +323,35 @@ def fit_spawned(
         threads=threads_per_process,
         timeout_s=timeout_s,
         frames=frames,
+        reporter=None if reporter is None or sent is None else reporter.for_process(sent.put),
     )
     with tempfile.TemporaryDirectory(prefix="ptyinr-ddp-") as folder:
         try:
-            mp.spawn(_spawn_entry, args=(job, folder), nprocs=world_size, join=True)
+            ranks = mp.spawn(_spawn_entry, args=(job, folder), nprocs=world_size, join=False)
+            while not ranks.join(timeout=_FORWARD_EVERY_S):
+                _forward(sent, reporter)
+            _forward(sent, reporter)
         except Exception as exc:
             _raise_rank_error(folder, world_size, exc)
         with open(os.path.join(folder, "result.pkl"), "rb") as fh:
             return pickle.load(fh)
+
+
+_FORWARD_EVERY_S = 0.25  # how often the launching process passes on a spawned rank's events
+
+
+def _forward(sent: Any, reporter: events.Reporter | None) -> None:
+    """Pass the events a spawned rank 0 queued on through `reporter` (in this process: the
+    Dask task's worker, or the reporter's sink)."""
+    if sent is None or reporter is None:
+        return
+    while not sent.empty():
+        try:
+            msg = sent.get()
+        except (EOFError, OSError):  # a rank died mid-message
+            return
+        if isinstance(msg, dict):
+            reporter.forward(msg)
 
 
 def _raise_rank_error(folder: str, world_size: int, exc: Exception) -> None:
@@ -398,8 +439,12 @@ def fit_on_workers(
     checkpoint_path: Path | None = None,
     description: str = "reconstructing",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    reporter: events.Reporter | None = None,
 ) -> Reconstruction:
     """Train one reconstruction as `world_size` tasks on distinct Dask workers.
+
+    Rank 0 sends `reporter`'s live events from its worker to the scheduler (the topic every
+    driver subscribes to); a sink of `reporter` does not travel (it is this process's).
 
     Workers with a GPU resource get one rank each (NCCL); CPU workers use Gloo. `data` should
     be lazy (dask-backed frames from the store: each rank reads only what it needs, see
@@ -423,6 +468,7 @@ def fit_on_workers(
         use_cuda=gpus,
         threads=0,
         timeout_s=timeout_s,
+        reporter=None if reporter is None else reporter.for_process(None),
     )
     futures = [
         client.submit(
@@ -488,9 +534,11 @@ def fit_parallel(
     checkpoint_path: Path | None = None,
     progress: bool = True,
     description: str = "reconstructing",
+    reporter: events.Reporter | None = None,
 ) -> Reconstruction:
     """Data-parallel fit: on `world_size` Dask workers of `client`, else in local processes
-    (one CUDA device per process when train.device resolves to CUDA, else Gloo on CPU)."""
+    (one CUDA device per process when train.device resolves to CUDA, else Gloo on CPU).
+    Rank 0 reports its epochs to `reporter` (ptyinr.events)."""
     if client is not None:
         return fit_on_workers(
             client,
@@ -501,6 +549,7 @@ def fit_parallel(
             geometry=geometry,
             checkpoint_path=checkpoint_path,
             description=description,
+            reporter=reporter,
         )
     use_cuda = select_device(config.train.device).type == "cuda"
     return fit_spawned(
@@ -513,6 +562,7 @@ def fit_parallel(
         checkpoint_path=checkpoint_path,
         progress=progress,
         description=description,
+        reporter=reporter,
     )
 
 

@@ -11,8 +11,9 @@ Work is counted by `advance(n)` (thread-safe) or by `counted(array)`, which wrap
 array so that each block computed advances the count by its frames. The object pickles
 to a silent stand-in, so a graph that carries it can still run on a distributed worker.
 
-Layer: the lowest (with ptyinr.errors): it imports no other ptyinr module, so ingest and
-preprocess (independent modules of one layer) can both use it.
+Layer: the lowest but one (with ptyinr.errors and ptyinr.events): it imports only
+ptyinr.progress_common, so ingest and preprocess (independent modules of one layer) can both
+use it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import threading
 import time
 import uuid
 from typing import Any, TextIO
+
+from ptyinr.progress_common import format_seconds, in_dask_worker
 
 PLAIN_EVERY_S = 10.0  # seconds between plain progress lines when stderr is not a terminal
 
@@ -38,31 +41,6 @@ def stderr_is_terminal() -> bool:
     from rich.console import Console
 
     return bool(Console(stderr=True).is_terminal)
-
-
-def in_dask_worker() -> bool:
-    """True inside a task on a Dask distributed worker: its stderr is a worker log or the
-    driver's terminal, where a driver may draw its own display (ptyinr.graph)."""
-    if "distributed" not in sys.modules:  # never imported: certainly not a worker
-        return False
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    minutes, s = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {s:02d} s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours} h {m:02d} min"
 
 
 class WorkProgress:
@@ -149,7 +127,7 @@ class WorkProgress:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        elapsed = _duration(time.monotonic() - self._t0)
+        elapsed = format_seconds(time.monotonic() - self._t0)
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done)
             self._bar.stop()
@@ -205,8 +183,8 @@ class WorkProgress:
             rate = done / elapsed
             text += f", {rate:.3g} {self.unit}/s"
             if self.total > done:
-                text += f", about {_duration((self.total - done) / rate)} left"
-        return text + f", {_duration(elapsed)} elapsed"
+                text += f", about {format_seconds((self.total - done) / rate)} left"
+        return text + f", {format_seconds(elapsed)} elapsed"
 
     def _line(self, text: str) -> None:
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -309,3 +309,126 @@ def test_a_reconstruction_reports_its_probe_warm_start_before_its_epochs(tmp_pat
     assert "warm_start" in kinds, kinds
     assert kinds.index("warm_start") < kinds.index("epoch")
     assert "warm_start" not in kinds[kinds.index("epoch") :]
+
+
+# ------------------------------------------------------------------------------ refit, ranks
+
+
+def _board_lines(sent: list[dict], run: str, session: str = "") -> list[str]:
+    """What the log display (a SLURM driver log) writes for these events, fed all at once."""
+    console, log = _log_console()
+    board = events.Board({(sent[0]["store"], run, session)})
+    for msg in sent:
+        board.handle((0.0, msg))
+    graph._LineDisplay(console, [], board, every_s=3600).refresh(None, ())
+    return [line.split("  ", 1)[1] for line in log.getvalue().splitlines()]
+
+
+def test_a_refit_reports_its_own_phase_and_epochs(tmp_path: Path) -> None:
+    """train.refit: after the validated epochs a `refit` event (the chosen epochs), then the
+    refit's epochs (phase "refit", 1..chosen, the losses it records), then done; the log
+    display writes a line as the part enters the refit and its epochs."""
+    path = make_store(tmp_path / "s.zarr")
+    cfg = load_config(
+        overrides=[
+            *TINY_MODEL,
+            "train.epochs=5",
+            "train.validation_fraction=0.2",
+            "train.patience=10",
+            "train.refit=true",
+        ]
+    )
+    sent: list[dict] = []
+    reporter = events.Reporter(str(path), "refit", "full", epochs=5, every_s=0, sink=sent.append)
+    reporter.start()
+    _, result = reconstruct_store(path, cfg, run_id="refit", progress=False, reporter=reporter)
+    chosen = result.info["refit"]["epochs"]
+    assert 1 <= chosen <= 5
+    kinds = [m["kind"] for m in sent]
+    assert kinds.count("refit") == 1 and kinds[0] == "start" and kinds[-1] == "done", kinds
+    at = kinds.index("refit")
+    fit_epochs = [m for m in sent[:at] if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in fit_epochs] == [1, 2, 3, 4, 5]
+    assert all("phase" not in m for m in sent[:at])
+    assert sent[at]["epochs"] == chosen and sent[at]["validated_epochs"] == 5
+    refit_epochs = [m for m in sent[at + 1 :] if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in refit_epochs] == list(range(1, chosen + 1))
+    assert all(m["phase"] == "refit" and m["epochs"] == chosen for m in refit_epochs)
+    assert [m["loss"] for m in refit_epochs] == pytest.approx(
+        result.info["refit"]["loss"], rel=1e-6
+    )
+    assert refit_epochs[-1]["eta_s"] == 0
+
+    # the refit's network fits the probe start again (its warm start is reported too)
+    lines = [line.split(": ", 1)[1] for line in _board_lines(sent, "refit")]
+    assert [" ".join(line.split()[:2]) for line in lines] == [
+        "loading data,",
+        "probe warm",
+        "epoch 1/5",
+        "validation chose",
+        "refit: probe",
+        "refit: epoch",
+        "done: 5",
+    ], lines
+    assert lines[3].startswith(f"validation chose epoch {chosen} of 5: refit on all positions")
+    assert lines[5].startswith(f"refit: epoch 1/{chosen}  loss")
+
+
+DATA_PARALLEL = [*TINY_MODEL, "train.device=cpu", "train.epochs=3"]
+
+
+def test_a_data_parallel_fit_in_processes_reports_from_rank_0(tmp_path: Path) -> None:
+    """2 spawned ranks (Gloo, CPU): rank 0's probe warm start and epochs come back through
+    the launching process to its reporter, as those of a fit in one process do."""
+    path = make_store(tmp_path / "s.zarr")
+    cfg = load_config(overrides=DATA_PARALLEL)
+    sent: list[dict] = []
+    reporter = events.Reporter(
+        str(path), "ranks", "full", epochs=3, warm_start_steps=20, every_s=0, sink=sent.append
+    )
+    reporter.start()
+    _, result = reconstruct_store(
+        path, cfg, run_id="ranks", progress=False, world_size=2, reporter=reporter
+    )
+    assert result.info["processes"] == 2
+    kinds = [m["kind"] for m in sent]
+    assert kinds[0] == "start" and kinds[-1] == "done", kinds
+    assert "warm_start" in kinds and kinds.index("warm_start") < kinds.index("epoch")
+    epochs = [m for m in sent if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3]  # one rank reports, each epoch once
+    assert [m["loss"] for m in epochs] == pytest.approx(result.loss.values, rel=1e-6)
+    assert epochs[0]["eta_s"] > 0 and epochs[-1]["eta_s"] == 0
+    assert all(m["run"] == "ranks" and m["part"] == "full" for m in sent)
+
+
+def test_a_data_parallel_fit_on_dask_workers_reports_from_rank_0(client, tmp_path) -> None:
+    """2 ranks as tasks on 2 Dask workers: rank 0 sends its epochs from its worker to the
+    scheduler, where a driver's board receives them."""
+    import time
+
+    path = make_store(tmp_path / "s.zarr")
+    cfg = load_config(overrides=DATA_PARALLEL)
+    reporter = events.Reporter(str(path), "dask-ranks", "full", epochs=3, session="tok", every_s=0)
+    _, result = reconstruct_store(
+        path,
+        cfg,
+        run_id="dask-ranks",
+        progress=False,
+        world_size=2,
+        client=client,
+        reporter=reporter,
+    )
+    assert result.info["processes"] == 2
+    deadline = time.monotonic() + 10
+    while True:  # the worker's events reach the scheduler shortly after its result
+        epochs = [m for m in _events_of(client, "dask-ranks") if m["kind"] == "epoch"]
+        if (epochs and epochs[-1]["epoch"] == 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [m["epoch"] for m in epochs] == [1, 2, 3]
+    assert [m["loss"] for m in epochs] == pytest.approx(result.loss.values, rel=1e-6)
+    assert all(m["session"] == "tok" for m in epochs)
+    board = events.Board({(str(path), "dask-ranks", "tok")})
+    for m in epochs:
+        board.handle((0.0, m))
+    assert board.part(str(path), "dask-ranks", "full").text().startswith("epoch 3/3  loss")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ptyinr import events
 from ptyinr.batching import validation_pixels, validation_split
 from ptyinr.config import ReconstructionConfig
 from ptyinr.engines import checkpoint
@@ -321,10 +322,25 @@ class Engine(ABC):
         would need its own, unvalidated length (benchmarks/RESULTS.md, "Refit on all"). The
         result is the refit's object and probe, with this run's loss curve and validation
         record (they match the held-out curve on the loss figure) and the refit's in
-        `refit`. The refit writes no checkpoints and calls no on_epoch hook. After
+        `refit`. The refit writes no checkpoints and calls no on_epoch hook (its epochs are
+        not this fit's); on the root rank it reports through the current ptyinr.events reporter
+        (a `refit` event, then its warm start and epochs in the phase "refit"). After
         validation_on = "pixels" it fits every pixel, and chooses its probe start again (the
         first one never saw the held-out pixels)."""
         chosen = self.validation.best_epoch
+        reporter = events.current() if self.runtime.is_root else None
+        phase = None if reporter is None else reporter.refit(chosen, int(self.epoch))
+        with events.reporting(phase) if phase is not None else contextlib.nullcontext():
+            return self._refit(chosen, phase, progress=progress, description=description)
+
+    def _refit(
+        self,
+        chosen: int,
+        phase: events.Reporter | None,
+        *,
+        progress: bool,
+        description: str,
+    ) -> Reconstruction:
         train = self.config.train.model_copy(
             update={"epochs": chosen, "validation_fraction": 0.0, "refit": False}
         )
@@ -340,7 +356,13 @@ class Engine(ABC):
             if self.held_out_pixels is None
             else None,
         )
-        refitted = again.fit(progress=progress, description=f"{description} (refit on all)")
+        if phase is not None:
+            phase.fit_started()
+        refitted = again.fit(
+            progress=progress,
+            description=f"{description} (refit on all)",
+            on_epoch=None if phase is None else phase.epoch,
+        )
         info = dict(refitted.info)
         info.update(
             epochs=int(self.epoch),
