@@ -14,8 +14,11 @@ Layout (README, "Scan stores"):
   reconstructions/<run_id>[/<subgroup>]   results written back by the pipeline
 ```
 
-While a run is being written, its writer holds a lock file beside the store (not in it:
-`run_lock_path`, `acquire_run_lock`).
+While a run is being written, its driver holds a lock file beside the store (not in it:
+`run_lock_path`, `acquire_run_lock`). The parts of a run (full, halves, snapshots) are
+written by their own tasks meanwhile; every change of the run group's attrs, which they
+share, and every consolidation holds the store's lock (`_consolidate_lock`: a thread lock
+and a flock on `.<store>.consolidate.lock` beside the store), so none drops another's.
 
 Labelled, self-describing data: every variable and coordinate written here carries
 `long_name` and `units` (`VARIABLE_LABELS`, CF-style); the root's zarr.json holds the
@@ -322,7 +325,9 @@ def _hierarchy_metadata(group: zarr.Group, prefix: str, out: dict[str, Any]) -> 
             out[key] = meta
 
 
-def _write_consolidated(path: Path) -> None:
+def _write_consolidated(path: Path, attrs: Mapping[str, Any] | None = None) -> None:
+    """Rewrite the root zarr.json with the hierarchy's consolidated metadata (and `attrs`
+    added to the root's attributes: one write instead of two where a caller has some)."""
     root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
     flat: dict[str, Any] = {}
     with warnings.catch_warnings():
@@ -337,6 +342,8 @@ def _write_consolidated(path: Path) -> None:
         }
     )
     meta = dataclasses.replace(root.metadata, consolidated_metadata=consolidated)
+    if attrs:
+        meta = dataclasses.replace(meta, attributes={**meta.attributes, **attrs})
     data = meta.to_buffer_dict(default_buffer_prototype())[ZARR_JSON].to_bytes()
     # Replace zarr.json atomically: a reader never sees half of it. The scratch file is
     # beside the store, on the same file system.
@@ -363,17 +370,40 @@ def consolidate(path: str | os.PathLike) -> None:
     path = Path(path)
     _require_store_dir(path)
     with _consolidate_lock(path):
-        for attempt in range(_CONSOLIDATE_TRIES):
-            try:
-                _write_consolidated(path)
-                return
-            except (FileNotFoundError, KeyError, ValueError) as exc:
-                if attempt == _CONSOLIDATE_TRIES - 1:
-                    raise StoreError(
-                        f"{path}: cannot consolidate the metadata ({exc}); expected a store "
-                        "whose nodes stay readable"
-                    ) from exc
-                time.sleep(0.05 * (attempt + 1))
+        _consolidate_locked(path)
+
+
+def _consolidate_locked(path: Path) -> None:
+    """`consolidate` for a caller that holds `_consolidate_lock(path)` already."""
+    for attempt in range(_CONSOLIDATE_TRIES):
+        try:
+            _write_consolidated(path)
+            return
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            if attempt == _CONSOLIDATE_TRIES - 1:
+                raise StoreError(
+                    f"{path}: cannot consolidate the metadata ({exc}); expected a store "
+                    "whose nodes stay readable"
+                ) from exc
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _put_run_attrs(
+    path: Path, run_id: str, new_attrs: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """Replace a run group's attrs by `new_attrs(current attrs)`, read afresh from disk.
+
+    Call it holding `_consolidate_lock(path)`: the run group's attrs are shared by every
+    part of a run (full, halves, snapshots, the driver's status), each written by its own
+    task; an unlocked read-modify-write could write back attrs read before another
+    writer's update and so drop it.
+    """
+    run = zarr.open_group(
+        str(path), path=_run_group_path(run_id), mode="r+", zarr_format=3, use_consolidated=False
+    )
+    attrs = new_attrs(dict(run.attrs))
+    run.attrs.put(attrs)
+    return attrs
 
 
 def check_geometry(attrs: Mapping[str, Any], where: str) -> None:
@@ -415,6 +445,10 @@ def check_geometry(attrs: Mapping[str, Any], where: str) -> None:
 # creating and opening scan stores
 
 
+class StoreExists(StoreError):
+    """A store appeared at the target path while a new one was written without overwrite."""
+
+
 def create_scan_store(
     path: str | os.PathLike,
     intensities: np.ndarray | da.Array,
@@ -426,6 +460,7 @@ def create_scan_store(
     frames_per_shard: int | None = None,
     overwrite: bool = False,
     final_attrs: Callable[[], dict] | None = None,
+    tmp: str | os.PathLike | None = None,
 ) -> Path:
     """Write a new scan store at `path` and return its path.
 
@@ -436,11 +471,15 @@ def create_scan_store(
     into place only when complete; with `overwrite`, an existing store is replaced only after
     the new one is complete. `final_attrs`, if given, is called after the arrays are written
     and before the rename; its attrs are added (ingest hashes the source meanwhile).
+    `tmp`: the hidden directory (beside `path`, not existing yet) to write in, for a caller
+    that names it so it can sweep it after a crash (ingest); default a fresh hidden sibling.
+    Without `overwrite`, a store that appeared at `path` during the write is kept and the
+    new one removed (StoreError).
     """
     path = Path(path)
     where = str(path)
     if path.exists() and not overwrite:
-        raise StoreError(f"{where}: already exists; expected a new path (or overwrite=True)")
+        raise StoreExists(f"{where}: already exists; expected a new path (or overwrite=True)")
 
     # ---- intensities
     if not isinstance(intensities, da.Array):
@@ -533,15 +572,19 @@ def create_scan_store(
         }
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _hidden_sibling(path, "tmp")
+    tmp = Path(tmp) if tmp is not None else _hidden_sibling(path, "tmp")
     try:
         # Encode all chunks of a shard in one batch (less per-chunk overhead in zarr).
         with zarr.config.set({"codec_pipeline.batch_size": max(1, fps)}):
             ds.to_zarr(tmp, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
-        if final_attrs is not None:
-            extra = json_safe(relative_paths(final_attrs(), path))
-            zarr.open_group(str(tmp), mode="r+", use_consolidated=False).attrs.update(extra)
-        _write_consolidated(tmp)  # nobody else sees `tmp`: no lock needed
+        extra = json_safe(relative_paths(final_attrs(), path)) if final_attrs else None
+        # The final attrs go into the same root zarr.json write as the consolidated metadata.
+        _write_consolidated(tmp, extra)  # nobody else sees `tmp`: no lock needed
+        if path.exists() and not overwrite:
+            raise StoreExists(
+                f"{where}: already exists (created meanwhile); expected a new path "
+                "(or overwrite=True)"
+            )
         move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -819,7 +862,6 @@ def write_run(
     path = Path(path)
     _require_store_dir(path)
     group = _run_group_path(run_id, subgroup)
-    run_group = _run_group_path(run_id)
     out = result.copy()
     for name in list(out.variables):
         if np.dtype(out[name].dtype) == np.complex128:
@@ -840,44 +882,49 @@ def write_run(
     # Replace the target group's attrs (a rewrite must not keep stale attrs) without touching
     # its children. The run group's in one write that says "running": at no moment of a
     # rewrite (a driver or worker may be killed at any) is the run without a status, or
-    # still "complete" while its arrays are being replaced.
+    # still "complete" while its arrays are being replaced. Every read-modify-write of the
+    # run group's attrs (shared by all parts of the run) holds the store's lock
+    # (`_put_run_attrs`), as consolidations do; the arrays are written without it.
     if subgroup:
         target.attrs.put({})
     else:
-        now = _now()
-        running = {"created": run.attrs.get("created", now), "status": "running", "updated": now}
-        run.attrs.put(running)
+        with _consolidate_lock(path):
+            running = _put_run_attrs(path, run_id, lambda a: _running(a, keep=False))
         out.attrs = {**out.attrs, **running}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         out.to_zarr(str(path), group=group, mode="a", consolidated=False, zarr_format=3)
-    run = zarr.open_group(
-        str(path), path=run_group, mode="r+", zarr_format=3, use_consolidated=False
-    )
-    update = {"status": "running", "updated": _now()}
-    if "created" not in run.attrs:
-        update["created"] = _now()
-    run.attrs.update(update)
-    consolidate(path)
+    with _consolidate_lock(path):
+        if subgroup:
+            _put_run_attrs(path, run_id, lambda a: _running(a, keep=True))
+        else:
+            # to_zarr wrote the run's attrs without the lock: a subgroup writer that had read
+            # them just before may have written its older copy back. Write them again under
+            # the lock, exactly (not merged: the rewrite keeps no stale attrs).
+            _put_run_attrs(path, run_id, lambda a: {**out.attrs, "updated": _now()})
+        _consolidate_locked(path)
+
+
+def _running(attrs: dict[str, Any], *, keep: bool) -> dict[str, Any]:
+    """A run's attrs saying "running" (now), `created` kept; the others kept if `keep`."""
+    now = _now()
+    kept = attrs if keep else {}
+    return {**kept, "created": attrs.get("created", now), "status": "running", "updated": now}
 
 
 def mark_run(path: str | os.PathLike, run_id: str, status: str, **attrs: Any) -> None:
     """Set a run's status (e.g. "complete", "failed") and extra attrs; call it last."""
     path = Path(path)
     _require_store_dir(path)
-    try:
-        run = zarr.open_group(
-            str(path),
-            path=_run_group_path(run_id),
-            mode="r+",
-            zarr_format=3,
-            use_consolidated=False,
-        )
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"{path}: run {run_id!r} does not exist; expected a written run") from exc
-    update = {**attrs, "status": status, "updated": _now()}
-    run.attrs.update(json_safe(relative_paths(update, path)))
-    consolidate(path)
+    update = json_safe(relative_paths({**attrs, "status": status, "updated": _now()}, path))
+    with _consolidate_lock(path):  # the run group's attrs are shared: see `_put_run_attrs`
+        try:
+            _put_run_attrs(path, run_id, lambda a: {**a, **update})
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(
+                f"{path}: run {run_id!r} does not exist; expected a written run"
+            ) from exc
+        _consolidate_locked(path)
 
 
 def list_runs(path: str | os.PathLike) -> list[dict]:

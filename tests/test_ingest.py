@@ -521,6 +521,43 @@ def test_bad_store_exists(tmp_path):
         ingest_file(src, tmp_path / "a.zarr", keys=KEYS)
 
 
+def test_store_created_during_the_ingest_is_kept(tmp_path, monkeypatch):
+    """Without --force, a store that appears at the target while the store is written is
+    left alone, the new one removed (nothing hidden left behind), the error says so; the
+    store is renamed into place once, straight from its hidden partial directory."""
+    src = _tiny_h5(tmp_path / "a.h5", np.ones((3, 4, 4), np.uint16))
+    out = tmp_path / "a.zarr"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    finish = store._write_consolidated
+
+    def racing_finish(path, attrs=None):  # the last step before the rename
+        if not out.exists():
+            out.mkdir()
+            (out / "theirs").write_text("another writer's store")
+        finish(path, attrs)
+
+    monkeypatch.setattr(store, "_write_consolidated", racing_finish)
+    with pytest.raises(IngestError, match=r"already exists \(created meanwhile\).*--force"):
+        ingest_file(src, out, keys=KEYS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.zarr"]
+    assert (out / "theirs").read_text() == "another writer's store"
+
+    monkeypatch.setattr(store, "_write_consolidated", finish)
+    renames = []
+    real_rename = store.os.rename
+
+    def rename(a, b):
+        renames.append(Path(b).name)
+        real_rename(a, b)
+
+    monkeypatch.setattr(store.os, "rename", rename)
+    ingest_file(src, tmp_path / "b.zarr", keys=KEYS)
+    assert renames == ["b.zarr"]
+    ds = store.open_scan_store(tmp_path / "b.zarr")
+    assert ds.attrs["source_sha256"] == digest  # hashed meanwhile, added before the rename
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_npz_compressed_members_are_read(tmp_path, scan):
     np.savez_compressed(tmp_path / "z.npz", data=scan["counts"], positions=scan["pos_px"])
     with zipfile.ZipFile(tmp_path / "z.npz") as z:

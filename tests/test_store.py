@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import shutil
+import threading
 from pathlib import Path
 
 import dask.array as da
@@ -410,6 +411,64 @@ def test_concurrent_writers_on_different_runs(tmp_path):
             got["object"].values, _result(10 * k)["object"].values, rtol=1e-6
         )
     store.open_scan_store(path)
+
+
+def test_subgroup_write_cannot_drop_the_run_attrs_of_a_concurrent_rewrite(tmp_path, monkeypatch):
+    """A half part's write updates the run group's attrs (read, merge, write). Unlocked, it
+    wrote back attrs read before the full part's rewrite, dropping that rewrite's attrs;
+    under the store's lock the rewrite waits for it and its attrs are the ones left."""
+    path, _, _ = _make(tmp_path)
+    store.write_run(path, "r", _result(0), attrs={"config": "old", "stale": 1})
+    store.mark_run(path, "r", "complete")
+    created = store.list_runs(path)[0]["created"]
+
+    half_has_read, full_done = threading.Event(), threading.Event()
+    waited_out: list[bool] = []
+    open_group = zarr.open_group
+
+    def slow_open(*args, **kwargs):
+        # the half's read of the run group's attrs: hold on until the full rewrite is done
+        group = open_group(*args, **kwargs)
+        if threading.current_thread().name == "half" and kwargs.get("path") == "reconstructions/r":
+            half_has_read.set()
+            waited_out.append(not full_done.wait(1.0))
+        return group
+
+    monkeypatch.setattr(zarr, "open_group", slow_open)
+    errors: list[BaseException] = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    def half():
+        store.write_run(path, "r", _result(1), attrs={}, subgroup="half_a")
+
+    def full():
+        assert half_has_read.wait(30)
+        store.write_run(path, "r", _result(2), attrs={"config": "new"})
+        full_done.set()
+
+    threads = [
+        threading.Thread(target=run, args=(half,), name="half"),
+        threading.Thread(target=run, args=(full,), name="full"),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    assert waited_out == [True]  # the rewrite could not go on while the half held the lock
+    (runinfo,) = store.list_runs(path)
+    assert runinfo["config"] == "new" and "stale" not in runinfo
+    assert runinfo["status"] == "running" and runinfo["created"] == created
+    assert runinfo["subgroups"] == ["half_a"]
+    # the consolidated copy, written last under the same lock, says the same
+    root = open_group(str(path), mode="r", zarr_format=3, use_consolidated=True)
+    assert root["reconstructions/r"].attrs["config"] == "new"
 
 
 def test_summary(tmp_path):

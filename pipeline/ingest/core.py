@@ -215,22 +215,19 @@ def ingest_file(
         ctx = contextlib.nullcontext()
     try:
         try:
+            # Written in `partial` (a name the sweep recognises) and renamed to `out` once.
             with ctx, write_config(zarrs), shown:
                 scan_store.create_scan_store(
-                    partial,
+                    out,
                     converted,
                     positions,
                     attrs=attrs,
                     mask=mask,
                     frames_per_shard=frames_per_shard,
+                    overwrite=overwrite,
                     final_attrs=(lambda: {"source_sha256": digest.result()}) if digest else None,
+                    tmp=partial,
                 )
-            if out.exists() and not overwrite:
-                raise IngestError(
-                    f"{out}: already exists (created meanwhile); expected a new store path "
-                    "(or --force)"
-                )
-            scan_store.move_into_place(partial, out)
             return out
         finally:
             if pool is not None:
@@ -238,6 +235,10 @@ def ingest_file(
                 pool.shutdown(wait=True, cancel_futures=True)
     except BaseException as exc:
         remove_partial_store(partial)
+        if isinstance(exc, scan_store.StoreExists):
+            raise IngestError(
+                f"{out}: already exists (created meanwhile); expected a new store path (or --force)"
+            ) from exc
         exc = os_error_of(exc)
         if isinstance(exc, StoreError):  # named by the store the user asked for
             raise IngestError(f"{where}: {str(exc).replace(str(partial), str(out))}") from exc
