@@ -32,6 +32,7 @@ from ptyinr.ptychonn_data import (
     probe_weights,
     select_positions,
     stitch_patches,
+    stitch_weights,
 )
 from ptyinr.ptychonn_train import TrainOptions, train_ptychonn
 from ptyinr.reconstruct import reconstruct_store
@@ -125,11 +126,38 @@ def test_stitching_exact_patches_returns_the_object() -> None:
     patches = extract_patches(obj, geometry.top_left, (16, 16))
     assert np.array_equal(patches[3], obj[tuple(slice(t, t + 16) for t in geometry.top_left[3])])
     probe = np.exp(-((np.arange(16) - 8.0) ** 2) / 20)[:, None] * np.ones(16)
-    stitched = stitch_patches(patches, geometry.top_left, shape, probe_weights(probe)).numpy()
-    np.testing.assert_allclose(stitched, obj, rtol=0, atol=1e-5)
+    for weights in (probe_weights(probe), stitch_weights(probe)):
+        stitched = stitch_patches(patches, geometry.top_left, shape, weights).numpy()
+        np.testing.assert_allclose(stitched, obj, rtol=0, atol=1e-5)
     # pixels no window covers are filled with 1 (a transmission function)
     two = stitch_patches(patches[:1], geometry.top_left[:1], shape, probe_weights(probe)).numpy()
     assert two[-1, -1] == 1 and np.allclose(two[:16, :16], obj[:16, :16], atol=1e-6)
+
+
+def test_beam_core_stitching_weights_keep_what_a_frame_can_tell() -> None:
+    """A network's patch is right under its beam and shrinks to the mean patch away from it
+    (what a frame does not show, it cannot predict): stitching with the beam-core weights
+    (intensity cubed) recovers the object far better than intensity weights floored at 1 %."""
+    rng = np.random.default_rng(1)
+    axis = np.arange(8, 40, 2.5)
+    positions = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+    geometry = ScanGeometry.from_positions(positions, (16, 16))
+    shape = geometry.object_shape
+    obj = np.exp(1j * rng.uniform(-1, 1, shape)).astype(np.complex64)
+    patches = extract_patches(obj, geometry.top_left, (16, 16))
+    yy, xx = np.mgrid[:16, :16] - 8.0
+    probe = np.exp(-(yy**2 + xx**2) / (2 * 1.7**2)).astype(np.complex64)  # 4 px FWHM focus
+    trust = np.abs(probe) ** 2  # share of the truth in the prediction: the beam intensity
+    predicted = patches * trust + (1 - trust) * patches.mean(axis=0)
+    inner = (slice(10, shape[0] - 10), slice(10, shape[1] - 10))
+
+    def error(weights: np.ndarray) -> float:
+        out = stitch_patches(predicted, geometry.top_left, shape, weights).numpy()
+        return float(np.abs(np.angle(out[inner] * np.conj(obj[inner]))).mean())
+
+    old, new = error(probe_weights(probe)), error(stitch_weights(probe))
+    assert new < 0.6 * old, (new, old)
+    assert np.isclose(stitch_weights(probe).max(), 1) and stitch_weights(probe).min() > 0
 
 
 def test_positions_are_spread_and_validation_is_held_out_by_blocks() -> None:
@@ -395,17 +423,68 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(
     assert again.record["weights_sha256"] == whole.record["weights_sha256"]
 
 
-def test_mixed_precision_is_bf16_on_cuda_only() -> None:
-    from ptyinr.ptychonn_train import use_bf16
+def test_precision_is_fp32_unless_bf16_is_asked_for_on_cuda() -> None:
+    from ptyinr.ptychonn_train import exact_fp32, use_bf16
 
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_bf16("auto", cpu) and not use_bf16("fp32", cpu)
     with pytest.raises(InputError, match="bf16"):
         use_bf16("bf16", cpu)
     with pytest.raises(InputError, match="expected auto, fp32 or bf16"):
         use_bf16("fp16", cpu)
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        assert use_bf16("auto", torch.device("cuda"))
+        assert not use_bf16("auto", cuda) and use_bf16("bf16", cuda)
+    # on CUDA, training in float32 switches TF32 off and restores the flags afterwards
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        with exact_fp32(cuda):
+            assert not any(f.allow_tf32 for f in flags)
+        assert all(f.allow_tf32 for f in flags)
+        with exact_fp32(cpu):
+            assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value
+
+
+def test_early_stopping_waits_for_min_epochs(source) -> None:
+    """With weights that never change (lr 0) the validation loss never improves after epoch
+    1: patience 1 would stop at epoch 2, but not before `min_epochs` (default: half the
+    epochs), where the phase head of a real training may still be flat."""
+    from ptyinr import ptychonn_train
+
+    path, _ = source
+    base = {**TINY_NN, "channels": 4, "patience": 1, "lr": 0.0}
+    options = TrainOptions(fraction=0.5, epochs=6, checkpoint_every=0, **base)
+    training = ptychonn_train.build_training_set([f"{path}:r1"], options)
+    _, info = ptychonn_train.fit_network(training, options, progress=False)
+    assert info["epochs_run"] == 3 and info["best_epoch"] == 1 and info["stopped_early"]
+    eager = TrainOptions(fraction=0.5, epochs=6, checkpoint_every=0, min_epochs=0, **base)
+    _, info = ptychonn_train.fit_network(training, eager, progress=False)
+    assert info["epochs_run"] == 2
+
+
+def test_batchnorm_statistics_are_float32_when_training_in_bf16(source, monkeypatch) -> None:
+    """The engine infers in float32, so the saved BatchNorm statistics must be those of the
+    float32 network even when the training steps ran under bf16 autocast (CPU autocast
+    stands in for CUDA's here)."""
+    from ptyinr import ptychonn_train
+
+    path, _ = source
+    options = TrainOptions(fraction=0.5, epochs=2, checkpoint_every=0, **TINY_NN)
+    training = ptychonn_train.build_training_set([f"{path}:r1"], options)
+    monkeypatch.setattr(ptychonn_train, "use_bf16", lambda precision, device: True)
+    network, info = ptychonn_train.fit_network(training, options, progress=False)
+    assert info["precision"] == "bf16 autocast"
+    state = network.state_dict()
+    saved = {k: v.clone() for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    assert saved
+    ptychonn_train.recalibrate_batchnorm(network, training.train, torch.device("cpu"), 16)
+    for key, value in saved.items():
+        torch.testing.assert_close(network.state_dict()[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_nn_train_on_a_cluster_runs_as_one_task(source, tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ One "epoch" (train.epochs is pinned to 1) predicts every position's patch from i
 in batches (`Measurements`: resident or streamed like any engine's frames; the network input
 is the frame's sqrt counts, masked, scaled by the scan's own bright-field level,
 ptyinr.models.ptychonn), and stitches them on the geometry's object grid, each pixel the
-average of the patches over it weighted by the source run's probe intensity (floored at 1 %
-of its peak; ptyinr.ptychonn_data.stitch_patches). Windows sit at whole pixels; the sub-pixel
-remainder is ignored for stitching (it is honoured in the data loss).
+average of the patches over it weighted by the cube of the source run's probe intensity
+(ptyinr.ptychonn_data.stitch_weights: a patch is trusted where its beam is strong). Windows
+sit at whole pixels; the sub-pixel remainder is ignored for stitching (it is honoured in the
+data loss).
 
 The probe is the model's: copied from its source run, scaled by one factor so that the
 predicted frame energy matches the measured one over the positions (the object absorbs no
@@ -41,7 +42,7 @@ from ptyinr.models.ptychonn import (
     wavelength_to_energy_ev,
 )
 from ptyinr.physics import forward_intensity
-from ptyinr.ptychonn_data import probe_weights, stitch_accumulate, stitch_finish
+from ptyinr.ptychonn_data import stitch_accumulate, stitch_finish, stitch_weights
 
 #: positions per batch of inference and of the data loss
 BLOCK = 256
@@ -119,7 +120,7 @@ class PtychoNNEngine(Engine):
         self._sqrt_scale = math.sqrt(float(self.measured.scale))
         probe = known_probe if known_probe is not None else self.artifact.probe
         self.probe = torch.as_tensor(np.asarray(probe, np.complex64), device=self.device)
-        self.weights = torch.as_tensor(probe_weights(self.artifact.probe), device=self.device)
+        self.weights = torch.as_tensor(stitch_weights(self.artifact.probe), device=self.device)
         self.object = torch.ones(geometry.object_shape, dtype=torch.complex64, device=self.device)
         self.probe_scale = 1.0
         self.inference_seconds = 0.0
