@@ -69,7 +69,7 @@ def train(
     device: Annotated[str, choice_option(Device, help="where to train")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+        str, typer.Option(help="auto (= fp32) | fp32 | bf16 (CUDA only)")
     ] = "auto",
     checkpoint_every: Annotated[
         int, typer.Option(min=0, help="epochs between checkpoints (.<out>.checkpoint); 0 = none")

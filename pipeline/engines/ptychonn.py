@@ -43,6 +43,7 @@ from ptyinr.models.ptychonn import (
 )
 from ptyinr.physics import forward_intensity
 from ptyinr.ptychonn_data import stitch_accumulate, stitch_finish, stitch_weights
+from ptyinr.ptychonn_inference import bf16_supported, for_inference
 
 #: positions per batch of inference and of the data loss
 BLOCK = 256
@@ -114,7 +115,14 @@ class PtychoNNEngine(Engine):
             pixel_size=data.pixel_size,
             energy_ev=None if wavelength is None else wavelength_to_energy_ev(wavelength),
         )
-        self.network = self.artifact.network
+        # prepared once (BatchNorm folded, channels-last, bfloat16 on CPUs that have it; checked
+        # against the plain network on the first call): benchmarks/bench_ptychonn_inference.py
+        self.inference_precision = (
+            "bfloat16" if self.device.type == "cpu" and bf16_supported() else "float32"
+        )
+        self.network = for_inference(
+            self.artifact.network, self.device, precision=self.inference_precision
+        )
         self.measured = self.measurements()
         self.input_scale = input_scale(self.measured.mean_pattern)
         self._sqrt_scale = math.sqrt(float(self.measured.scale))
@@ -164,6 +172,7 @@ class PtychoNNEngine(Engine):
             "input_scale": self.input_scale,
             "probe_scale": self.probe_scale,
             "inference_seconds": self.inference_seconds,
+            "inference_precision": self.inference_precision,
             "frames_per_second": n / self.inference_seconds if self.inference_seconds else None,
         }
 
