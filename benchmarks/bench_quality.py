@@ -17,6 +17,10 @@ at matched wall time (the other method's total training time).
     python benchmarks/bench_quality.py --scale paper --device cuda   # the paper's sizes
 
 Results: benchmarks/results/quality-<scale>.json and a Markdown table on stdout.
+
+Fixed epochs per method; for a fixed wall-time budget per method, with held-out validation
+choosing the returned state, and ePIE next to the pixel baseline, see
+benchmarks/bench_quality_time.py (issue 14).
 """
 
 from __future__ import annotations
