@@ -55,6 +55,18 @@ def _log_console() -> tuple[Console, io.StringIO]:
     return Console(file=out, force_terminal=False, width=100), out
 
 
+def _wired_part(epochs: int):
+    """A log display over a board fed by one part's reporter, whose events collect in `sent`
+    until the test hands them to the board: (log, board, sent, reporter, display)."""
+    console, log = _log_console()
+    board = events.Board({("/s.zarr", "r", "tok")})
+    sent: list[dict] = []
+    reporter = events.Reporter("/s.zarr", "r", "full", epochs=epochs, session="tok", every_s=0)
+    reporter.sink = sent.append
+    display = graph._LineDisplay(console, [], board, every_s=3600)
+    return log, board, sent, reporter, display
+
+
 def _events_of(client, run_id: str) -> list[dict]:
     """Every progress event the scheduler holds for `run_id` (what a subscriber receives)."""
     return [msg for _, msg in client.get_events(events.TOPIC) if msg.get("run") == run_id]
@@ -144,12 +156,7 @@ def test_line_display_paces_a_part_by_time() -> None:
     """A line as a part enters each phase (loading, epochs, done); in between at most one
     per interval, and only when it moved on: a fast fit with a long interval logs its start,
     its first epoch and its end, nothing between."""
-    console, log = _log_console()
-    board = events.Board({("/s.zarr", "r", "tok")})
-    sent: list[dict] = []
-    reporter = events.Reporter("/s.zarr", "r", "full", epochs=50, session="tok", every_s=0)
-    reporter.sink = sent.append
-    display = graph._LineDisplay(console, [], board, every_s=3600)
+    log, board, sent, reporter, display = _wired_part(epochs=50)
     reporter.start()
     board.handle((0.0, sent.pop()))
     display.refresh(None, ())
@@ -181,12 +188,7 @@ def test_line_display_paces_a_part_by_time() -> None:
 def test_line_display_logs_every_phase_of_a_part_that_ends_between_two_refreshes() -> None:
     """A fast part can go from loading through its epochs to done between two refreshes of
     the log display: each phase it entered still gets its line, in order."""
-    console, log = _log_console()
-    board = events.Board({("/s.zarr", "r", "tok")})
-    sent: list[dict] = []
-    reporter = events.Reporter("/s.zarr", "r", "full", epochs=5, session="tok", every_s=0)
-    reporter.sink = sent.append
-    display = graph._LineDisplay(console, [], board, every_s=3600)
+    log, board, sent, reporter, display = _wired_part(epochs=5)
     reporter.start()
     reporter.fit_started()
     for epoch in range(1, 6):
