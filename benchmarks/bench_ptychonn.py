@@ -82,15 +82,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "sparse_object_size": 176,
         "inr": ["model.siren_width=128", "train.lr_object=1e-3", "train.lr_probe=1e-3"],
         "inr_epochs": 150,
-        "nn": {
-            "channels": 16,
-            "depth": 3,
-            "input_size": 32,
-            "epochs": 40,
-            "patience": 8,
-            "batch_size": 32,
-            "lr": 1e-3,
-        },
+        # the product's automatic schedule and augmentation (ptychonn_train.resolve_schedule)
+        "nn": {"channels": 16, "depth": 3, "input_size": 32},
     },
     # The paper's sizes (241 px objects, 64 px frames) and the original PtychoNN (64 px input,
     # 32 channels): for a GPU.
@@ -121,15 +114,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "sparse_object_size": 481,
         "inr": ["train.lr_object=1e-4", "train.lr_probe=1e-4"],
         "inr_epochs": 2000,
-        "nn": {
-            "channels": 32,
-            "depth": 3,
-            "input_size": 64,
-            "epochs": 60,
-            "patience": 10,
-            "batch_size": 64,
-            "lr": 1e-3,
-        },
+        "nn": {"channels": 32, "depth": 3, "input_size": 64},
     },
 }
 

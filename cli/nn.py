@@ -44,16 +44,29 @@ def train(
         typer.Option(help="share of each run's positions used (spread over the scan); 1 = all"),
     ] = 0.2,
     epochs: Annotated[
-        int, typer.Option(min=1, help="most epochs (early stopping may end sooner)")
-    ] = 60,
+        int | None,
+        typer.Option(
+            min=1,
+            help="most epochs (early stopping may end sooner); default: at least 60 and 2000 "
+            "optimiser steps",
+        ),
+    ] = None,
     validation_fraction: Annotated[
         float, typer.Option(min=0.0, max=0.5, help="share of position blocks held out")
     ] = 0.2,
-    batch_size: Annotated[int, typer.Option(min=1, help="frames per optimisation step")] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="frames per optimisation step; default: 64, fewer on small sets"),
+    ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam's initial learning rate")] = 1e-3,
     patience: Annotated[
-        int, typer.Option(min=0, help="epochs without improvement before stopping; 0 = never")
-    ] = 10,
+        int | None,
+        typer.Option(
+            min=0,
+            help="epochs without improvement before stopping; 0 = never; default: a seventh of "
+            "the epochs, at least 10",
+        ),
+    ] = None,
     input_size: Annotated[
         int | None,
         typer.Option(
@@ -71,6 +84,21 @@ def train(
     precision: Annotated[
         str, typer.Option(help="auto (= fp32) | fp32 | bf16 (CUDA only)")
     ] = "auto",
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="auto: also train on pairs turned by the symmetries the source probes have "
+            "(a round beam: flips, quarter turns) | none"
+        ),
+    ] = "auto",
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="after early stopping, train again on training + validation positions for "
+            "the chosen epochs",
+        ),
+    ] = True,
     checkpoint_every: Annotated[
         int, typer.Option(min=0, help="epochs between checkpoints (.<out>.checkpoint); 0 = none")
     ] = 1,
@@ -106,6 +134,8 @@ def train(
             raise InputError(f"--input-mode {input_mode!r}: expected crop or bin")
         if precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"--precision {precision!r}: expected auto, fp32 or bf16")
+        if augment not in ("auto", "none"):
+            raise InputError(f"--augment {augment!r}: expected auto or none")
         options = TrainOptions(
             fraction=fraction,
             validation_fraction=validation_fraction,
@@ -122,6 +152,8 @@ def train(
             depth=depth,
             precision=precision,
             checkpoint_every=checkpoint_every,
+            augment=augment,
+            refit=refit,
         )
         if cluster is None:
             record = train_ptychonn(
@@ -273,7 +305,9 @@ def preview(
     fraction: Annotated[
         float, typer.Option(help="when training: share of each run's positions used")
     ] = 0.2,
-    epochs: Annotated[int, typer.Option(min=1, help="when training: most epochs")] = 60,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="when training: most epochs (default: auto)")
+    ] = None,
     device: Annotated[str, choice_option(Device, help="where training and previews run")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads; 0 = default")] = 0,
     run_id: Annotated[
@@ -323,7 +357,7 @@ def _preview_model(
     model: Path | None,
     train_from: list[str] | None,
     fraction: float,
-    epochs: int,
+    epochs: int | None,
     device: str,
     threads: int,
     quiet: bool,

@@ -39,6 +39,7 @@ __all__ = [
     "align_object",
     "compare_object",
     "compare_probe",
+    "dose_map",
     "evaluate_run",
     "fit_phase_ramp",
     "frc",
@@ -353,6 +354,67 @@ def scanned_interior(
         )
     mask[y0 : y1 + 1, x0 : x1 + 1] = True
     return mask
+
+
+def dose_map(
+    probe: np.ndarray,
+    top_left: np.ndarray,
+    object_shape: tuple[int, int],
+    frame_photons: np.ndarray,
+) -> np.ndarray:
+    """Expected photons that reached each object pixel, summed over the scan (float64).
+
+    Why: the data constrain an object pixel only through the photons that passed it; where
+    (nearly) none did, a reconstruction's error there says nothing about the method. Position
+    j spreads its frame's photons over its window as the probe's intensity does:
+    |P|^2 / sum |P|^2 * frame_photons[j]. For a transmission |O| ~ 1 this is the photon count
+    at the pixel (an absorbing object lowers the frame's photons, not the shape of the
+    spread). `top_left` (n, 2) (y, x) are the window corners on the object grid, as
+    `ScanGeometry.top_left`; float corners are placed at the nearest whole pixel, as
+    `ScanGeometry.from_positions` places the physics windows (the sub-pixel rest, which the
+    forward model applies as a probe shift, is ignored: it moves the dose by < 1/2 pixel).
+    Windows partly (or wholly) outside the object are clipped: their outside share is lost.
+    """
+    p = np.asarray(probe)
+    if p.ndim != 2 or p.size == 0:
+        raise InputError(f"dose_map: probe of shape {p.shape}, expected a 2-D (y, x) array")
+    if not np.isfinite(p).all():
+        raise InputError("dose_map: probe contains NaN or inf, expected finite values")
+    weight = np.abs(p.astype(np.complex128)) ** 2
+    total = float(weight.sum())
+    if not total > 0:
+        raise InputError("dose_map: probe intensity sums to 0, expected a non-zero probe")
+    weight /= total
+    shape = tuple(int(s) for s in object_shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"dose_map: object_shape {object_shape}, expected (ny, nx) >= 1")
+    corners = np.asarray(top_left, dtype=np.float64)
+    if corners.ndim != 2 or corners.shape[1] != 2 or corners.shape[0] == 0:
+        raise InputError(f"dose_map: top_left of shape {corners.shape}, expected (n >= 1, 2)")
+    if not np.isfinite(corners).all():
+        raise InputError("dose_map: top_left contains NaN or inf, expected finite corners")
+    photons = np.asarray(frame_photons, dtype=np.float64)
+    if photons.shape != (corners.shape[0],):
+        raise InputError(
+            f"dose_map: frame_photons of shape {photons.shape}, expected ({corners.shape[0]},) "
+            "(one per position)"
+        )
+    wrong = ~(np.isfinite(photons) & (photons >= 0))
+    if wrong.any():
+        raise InputError(
+            f"dose_map: frame_photons has {int(wrong.sum())} negative or non-finite value(s) "
+            f"(first {photons[wrong][0]}), expected finite values >= 0"
+        )
+    whole = np.floor(corners + 0.5).astype(np.int64)
+    ny, nx = weight.shape
+    out = np.zeros(shape, dtype=np.float64)
+    for (y, x), n_photons in zip(whole, photons, strict=True):
+        y0, x0 = max(int(y), 0), max(int(x), 0)
+        y1, x1 = min(int(y) + ny, shape[0]), min(int(x) + nx, shape[1])
+        if y1 <= y0 or x1 <= x0:
+            continue  # wholly outside the object
+        out[y0:y1, x0:x1] += n_photons * weight[y0 - y : y1 - y, x0 - x : x1 - x]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

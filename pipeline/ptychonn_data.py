@@ -338,6 +338,76 @@ class PairDataset(Dataset):
         return x, amplitude, phase, weights
 
 
+# ------------------------------------------------------------------------ symmetry pairs
+
+#: the eight symmetries of the square about a frame's centre pixel (N // 2): (transpose,
+#: flip rows, flip columns), applied in that order; index 0 is the identity
+SYMMETRIES: tuple[tuple[bool, bool, bool], ...] = tuple(
+    (t, fy, fx) for t in (False, True) for fy in (False, True) for fx in (False, True)
+)
+#: a probe counts as invariant under a symmetry g when ||P o g - P|| <= this * ||P||
+SYMMETRY_TOLERANCE = 0.15
+
+
+def apply_symmetry(array: torch.Tensor, symmetry: tuple[bool, bool, bool]) -> torch.Tensor:
+    """`array` (..., N, N) under one symmetry of the square about pixel (N // 2, N // 2):
+    r -> -r about that pixel is index k -> (N - k) mod N (a flip, then a roll by one), which
+    keeps the zero frequency of a detector frame and the centre of a probe window in place."""
+    transpose, flip_y, flip_x = symmetry
+    out = array.transpose(-2, -1) if transpose else array
+    for flip, dim in ((flip_y, -2), (flip_x, -1)):
+        if flip:
+            out = torch.roll(torch.flip(out, (dim,)), 1, dims=dim)
+    return out
+
+
+def probe_symmetries(
+    probes: Sequence[np.ndarray], tolerance: float = SYMMETRY_TOLERANCE
+) -> list[tuple[bool, bool, bool]]:
+    """The symmetries of the square under which every probe is (nearly) invariant, identity
+    first; none but the identity for non-square frames.
+
+    Why they give training pairs: if P(g r) = P(r) for an orthogonal g about the window's
+    centre, the object O(g r) under P has the exit wave psi(g r), and its far-field
+    intensity is I(g q): the frame and the object patch transformed alike are a pair the
+    physics could have measured. A focused beam of a round aperture has all eight; measured
+    probes (aberrations, a square aperture, a reconstruction's errors) have fewer, and an
+    operation is only used where every source run's probe passes."""
+    chosen = []
+    for symmetry in SYMMETRIES:
+        ok = True
+        for probe in probes:
+            p = torch.as_tensor(np.asarray(probe, dtype=np.complex64))
+            if p.ndim != 2 or p.shape[0] != p.shape[1]:
+                ok = symmetry == SYMMETRIES[0]
+                break
+            norm = float(torch.linalg.vector_norm(p))
+            moved = float(torch.linalg.vector_norm(apply_symmetry(p, symmetry) - p))
+            ok = ok and norm > 0 and moved <= tolerance * norm
+        if ok:
+            chosen.append(symmetry)
+    return chosen
+
+
+def augment_pairs(
+    batch: tuple[torch.Tensor, ...],
+    symmetries: Sequence[tuple[bool, bool, bool]],
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, ...]:
+    """(input, amplitude, phase, weights) with each pair under one randomly drawn symmetry
+    of `symmetries` (the same for its frame, labels and weights; see `probe_symmetries`)."""
+    if len(symmetries) <= 1:
+        return batch
+    x, amplitude, phase, weights = (t.clone() for t in batch)
+    draws = rng.integers(len(symmetries), size=len(x))
+    for k in np.unique(draws):
+        where = torch.as_tensor(np.flatnonzero(draws == k))
+        symmetry = symmetries[int(k)]
+        for tensor in (x, amplitude, phase, weights):
+            tensor[where] = apply_symmetry(tensor[where], symmetry)
+    return x, amplitude, phase, weights
+
+
 def items_for(source_index: int, positions: np.ndarray) -> np.ndarray:
     """(source, position) items of one run's positions."""
     positions = np.asarray(positions, dtype=np.int64)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -75,9 +76,11 @@ from ptyinr.models.ptychonn import (
 from ptyinr.ptychonn_data import (
     PairDataset,
     RunSource,
+    augment_pairs,
     block_split,
     items_for,
     open_run_source,
+    probe_symmetries,
     probe_weights,
     select_positions,
 )
@@ -95,11 +98,11 @@ class TrainOptions:
 
     fraction: float = 0.2
     validation_fraction: float = 0.2
-    epochs: int = 60
-    batch_size: int = 64
+    epochs: int | None = None  # None: auto (`resolve_schedule`)
+    batch_size: int | None = None  # None: auto
     lr: float = 1e-3
     lr_final: float = 0.1
-    patience: int = 10
+    patience: int | None = None  # None: auto
     min_epochs: int | None = None  # early stopping not before this epoch; None: epochs // 2
     seed: int = 0
     device: str = "auto"
@@ -110,7 +113,37 @@ class TrainOptions:
     depth: int = 3
     precision: str = "auto"  # auto = fp32 (see the module docstring) | fp32 | bf16 (CUDA only)
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
+    augment: str = "auto"  # auto = pairs under the probe's symmetries (probe_symmetries) | none
+    refit: bool = False  # then train again on training + validation pairs for the chosen epochs
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: the original PtychoNN's schedule (thousands of frames): batch 64, 60 epochs, patience 10
+BATCH, EPOCHS, PATIENCE = 64, 60, 10
+#: auto schedules make at least this many optimiser steps and 8 per epoch
+MIN_STEPS, MIN_STEPS_PER_EPOCH = 2000, 8
+
+
+def resolve_schedule(options: TrainOptions, train_positions: int) -> TrainOptions:
+    """`options` with the automatic (None) batch size, epochs and patience chosen for a
+    training set of `train_positions` pairs; given values are kept.
+
+    Why: the original's 60 epochs of batch 64 were made for thousands of frames; a fifth of
+    one scan is tens to hundreds, where they mean a few hundred optimiser steps and the phase
+    head stays underfitted. Issue 13's case (a) (71 training positions, held-out phase PSNR
+    over 3 seeds): batch 32 for 80 epochs 16.2 dB, batch 8 for 300 epochs (patience 40)
+    17.9 dB. So: batch = min(64, n // 8) (at least 8 steps per epoch, at least 4 frames for
+    BatchNorm), epochs = max(60, steps for 2000 optimiser steps), patience = max(10, epochs
+    // 7); min_epochs stays half the epochs."""
+    n = max(1, int(train_positions))
+    batch = options.batch_size or max(4, min(BATCH, n // MIN_STEPS_PER_EPOCH))
+    steps = math.ceil(n / batch)
+    epochs = options.epochs or max(EPOCHS, math.ceil(MIN_STEPS / steps))
+    patience = options.patience if options.patience is not None else max(PATIENCE, epochs // 7)
+    for name, value in (("--batch-size", batch), ("--epochs", epochs)):
+        if value < 1:
+            raise InputError(f"{name} {value}: expected >= 1")
+    return dataclasses.replace(options, batch_size=batch, epochs=epochs, patience=patience)
 
 
 @dataclass
@@ -228,6 +261,22 @@ def build_training_set(sources: list[str], options: TrainOptions) -> TrainingSet
         held_out=PairDataset(runs, held, spec) if len(held) else None,
         selected=selected,
     )
+
+
+def training_symmetries(
+    training: TrainingSet, options: TrainOptions
+) -> list[tuple[bool, bool, bool]]:
+    """The symmetries training pairs are drawn under (identity first): with `augment =
+    "auto"` those every source probe has (`ptychonn_data.probe_symmetries`), for inputs
+    cropped at the detector's sampling (a binned input is not symmetric about the centre
+    pixel); the identity alone otherwise."""
+    if options.augment not in ("auto", "none"):
+        raise InputError(f"--augment {options.augment!r}: expected auto or none")
+    spec = training.spec
+    binned = spec.input_mode == "bin" and spec.input_size != min(spec.frame_shape)
+    if options.augment == "none" or binned:
+        return [(False, False, False)]
+    return probe_symmetries([run.probe for run in training.sources])
 
 
 def pair_loss(
@@ -348,12 +397,14 @@ def fit_network(
     checkpoint: Path | None = None,
     fingerprint: str = "",
     stop_after: int | None = None,
+    keep_best: bool = True,
 ) -> tuple[PtychoNN, dict[str, Any]]:
     """Train with Adam, cosine decay, early stopping on the validation loss; the best
-    network and the training history. With `checkpoint` (a folder) the state is saved every
-    `options.checkpoint_every` epochs and, when a checkpoint of the same `fingerprint` is
-    there, training continues from it. `stop_after` ends after that epoch as an
-    interruption would (the checkpoint stays; for tests and wall-time-limited jobs).
+    network (the last with `keep_best` False) and the training history. With `checkpoint` (a
+    folder) the state is saved every `options.checkpoint_every` epochs and, when a checkpoint
+    of the same `fingerprint` is there, training continues from it. `stop_after` ends after
+    that epoch as an interruption would (the checkpoint stays; for tests and wall-time-limited
+    jobs).
     On CUDA it runs in true float32 (`exact_fp32`) unless bf16 was asked for."""
     with exact_fp32(select_device(options.device)):
         return _fit_network(
@@ -363,6 +414,7 @@ def fit_network(
             checkpoint=checkpoint,
             fingerprint=fingerprint,
             stop_after=stop_after,
+            keep_best=keep_best,
         )
 
 
@@ -374,7 +426,9 @@ def _fit_network(
     checkpoint: Path | None,
     fingerprint: str,
     stop_after: int | None,
+    keep_best: bool = True,
 ) -> tuple[PtychoNN, dict[str, Any]]:
+    options = resolve_schedule(options, len(training.train))
     if len(training.train) < 2:  # BatchNorm normalises over a batch: one frame is none
         raise InputError(
             f"nn train: {len(training.train)} training position(s); expected at least 2 "
@@ -416,12 +470,14 @@ def _fit_network(
             epoch >= min_epochs
         )
 
+    symmetries = training_symmetries(training, options)
     stopped = should_stop(state.epoch)  # a checkpoint of a finished training
     for epoch in range(state.epoch + 1, 0 if stopped else options.epochs + 1):
         network.train()
         total, count = 0.0, 0
         for idx in _batches(len(training.train), options.batch_size, rng):
-            x, amp, pha, w = (t.to(device) for t in training.train.batch(idx))
+            pairs = augment_pairs(training.train.batch(idx), symmetries, rng)
+            x, amp, pha, w = (t.to(device) for t in pairs)
             with autocast(device, bf16):
                 pa, pp = network(x)
             a, p = pair_loss(pa.float(), pp.float(), amp, pha, w)
@@ -471,7 +527,7 @@ def _fit_network(
             )
         if stopped or epoch == stop_after:
             break
-    if state.best is not None:
+    if keep_best and state.best is not None:
         network.load_state_dict(state.best)
     network.eval()
     info = {
@@ -482,9 +538,56 @@ def _fit_network(
         "device": str(device),
         "precision": "bf16 autocast" if bf16 else "fp32",
         "resumed_from_epoch": state.resumed_from,
+        "symmetries": [list(g) for g in symmetries],
         **state.history,
     }
     return network, info
+
+
+def refit_network(
+    training: TrainingSet, options: TrainOptions, info: dict[str, Any], *, progress: bool
+) -> tuple[PtychoNN, dict[str, Any]]:
+    """Train afresh on the training and validation pairs together for the epochs validation
+    chose (`best_epoch`), under the same learning-rate schedule, and keep the last state.
+
+    Why: validation pairs are a fifth of the selected positions and a network trained on 71
+    frames is data-starved; once validation has told how long to train, they can teach too.
+    The validation score in the record is the first fit's (the refit has seen those pairs);
+    the never-seen positions score the refitted network. No checkpoints (a rerun refits
+    again)."""
+    merged = PairDataset(
+        training.sources,
+        np.concatenate([training.train.items, training.validation.items]),
+        training.spec,
+    )
+    refit_set = dataclasses.replace(
+        training,
+        train=merged,
+        validation=PairDataset(training.sources, merged.items[:0], training.spec),
+    )
+    epochs = max(1, int(info["best_epoch"]))
+    if progress:
+        print(
+            f"ptychonn: refit on {len(merged)} positions (training + validation) for "
+            f"{epochs} epochs",
+            file=sys.stderr,
+            flush=True,
+        )
+    network, refit_info = fit_network(
+        refit_set,
+        dataclasses.replace(options, patience=0),  # the length is chosen: no early stop
+        progress=progress,
+        checkpoint=None,
+        fingerprint="",
+        stop_after=epochs,
+        keep_best=False,
+    )
+    return network, {
+        "epochs": epochs,
+        "positions": len(merged),
+        "train_seconds": refit_info["train_seconds"],
+        "train_loss": refit_info["train_loss"],
+    }
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -663,6 +766,7 @@ def train_ptychonn(
     if options.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every {options.checkpoint_every}: expected >= 0")
     training = build_training_set(sources, options)
+    options = resolve_schedule(options, len(training.train))
     folder = checkpoint_dir(out) if options.checkpoint_every else None
     if folder is not None and not resume:
         shutil.rmtree(folder, ignore_errors=True)
@@ -679,6 +783,8 @@ def train_ptychonn(
     scores: dict[str, Any] = {}
     if len(training.validation):
         scores["validation"] = evaluate(network, training.validation, device, mean_patch=baseline)
+    if options.refit and len(training.validation) and stop_after is None:
+        network, info["refit"] = refit_network(training, options, info, progress=progress)
     if training.held_out is not None:
         scores["held_out"] = evaluate(network, training.held_out, device, mean_patch=baseline)
     first = training.sources[0]

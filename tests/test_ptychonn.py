@@ -4,6 +4,7 @@ artifact, the `ptychonn` engine and `ptyinr nn`, on tiny simulated scans (one CP
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,38 @@ def test_train_then_preview_with_run_writes_a_normal_run_group(source, tmp_path:
     assert np.isfinite(ds["loss"].values).all()
 
 
+def test_preview_blocks_share_one_batch_shape_and_change_nothing(
+    source, model, monkeypatch
+) -> None:
+    """Blocks of nearly equal size, the smaller padded: the network sees one batch shape (one
+    set of oneDNN kernels per scan) and the preview is the one of a single block."""
+    import ptyinr.engines.ptychonn as engine_module
+
+    path, _ = source
+    config = load_config(
+        overrides=["model.method=ptychonn", f"model.ptychonn_model={model}", "train.device=cpu"]
+    )
+    _, whole = reconstruct_store(path, config, run_id="one-block", progress=False)
+    shapes: list[int] = []
+    prepare = engine_module.for_inference
+
+    def recording(*args, **kwargs):
+        predict = prepare(*args, **kwargs)
+
+        def recorded(x):
+            shapes.append(len(x))
+            return predict(x)
+
+        return recorded
+
+    monkeypatch.setattr(engine_module, "for_inference", recording)
+    monkeypatch.setattr(engine_module, "BLOCK", 7)
+    _, blocked = reconstruct_store(path, config, run_id="blocks", progress=False)
+    positions = len(whole.geometry.top_left)
+    assert positions % 7 and len(shapes) == -(-positions // 7) and len(set(shapes)) == 1
+    np.testing.assert_allclose(blocked.object.values, whole.object.values, atol=0.05)
+
+
 def test_run_refuses_an_unreadable_model_before_anything_runs(source, tmp_path) -> None:
     """`ptyinr run` checks the engine's inputs up front: a model folder that is missing or
     corrupt is one line, exit 2, and the store gets no run group."""
@@ -421,6 +454,61 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(
         train_ptychonn(runs, tmp_path / "c", options, progress=False)
     again = train_ptychonn(runs, tmp_path / "c", options, progress=False, resume=False)
     assert again.record["weights_sha256"] == whole.record["weights_sha256"]
+
+
+def test_auto_schedule_gives_small_training_sets_enough_steps() -> None:
+    from ptyinr.ptychonn_train import resolve_schedule
+
+    small = resolve_schedule(TrainOptions(), 71)  # a fifth of a 441-position scan, less validation
+    assert (small.batch_size, small.epochs, small.patience) == (8, 223, 31)
+    assert small.epochs * -(-71 // small.batch_size) >= 2000
+    large = resolve_schedule(TrainOptions(), 16000)  # the original's scale: its schedule
+    assert (large.batch_size, large.epochs, large.patience) == (64, 60, 10)
+    given = resolve_schedule(TrainOptions(batch_size=16, epochs=5, patience=0), 71)
+    assert (given.batch_size, given.epochs, given.patience) == (16, 5, 0)
+    assert resolve_schedule(TrainOptions(), 3).batch_size == 4  # BatchNorm needs a few frames
+
+
+def test_refit_trains_on_training_and_validation_for_the_chosen_epochs(source, tmp_path) -> None:
+    path, _ = source
+    base = dict(TINY_NN, patience=3, min_epochs=0)
+    options = TrainOptions(fraction=0.6, epochs=8, checkpoint_every=0, **base)
+    plain = train_ptychonn([f"{path}:r1"], tmp_path / "plain", options, progress=False)
+    refit = train_ptychonn(
+        [f"{path}:r1"], tmp_path / "refit", replace(options, refit=True), progress=False
+    )
+    training = refit.record["training"]
+    chosen = training["best_epoch"]
+    assert chosen == plain.record["training"]["best_epoch"]  # the same first fit
+    assert training["refit"]["epochs"] == chosen
+    assert len(training["refit"]["train_loss"]) == chosen
+    assert training["refit"]["positions"] == (
+        training["train_positions"] + training["validation_positions"]
+    )
+    # a different network, scored on the positions neither fit saw
+    assert refit.record["weights_sha256"] != plain.record["weights_sha256"]
+    assert refit.record["scores"]["held_out"]["loss"] != plain.record["scores"]["held_out"]["loss"]
+
+
+def test_augmentation_uses_the_source_probes_symmetries(source, tmp_path) -> None:
+    from ptyinr.ptychonn_data import open_run_source, probe_symmetries
+
+    path, _ = source
+    options = TrainOptions(fraction=0.5, epochs=2, checkpoint_every=0, **TINY_NN)
+    probe = open_run_source(f"{path}:r1").probe
+    auto = train_ptychonn(
+        [f"{path}:r1"], tmp_path / "auto", replace(options, augment="auto"), progress=False
+    )
+    expected = [list(g) for g in probe_symmetries([probe])]
+    assert auto.record["training"]["symmetries"] == expected
+    none = train_ptychonn(
+        [f"{path}:r1"], tmp_path / "none", replace(options, augment="none"), progress=False
+    )
+    assert none.record["training"]["symmetries"] == [[False, False, False]]
+    with pytest.raises(InputError, match="--augment 'all': expected auto or none"):
+        train_ptychonn(
+            [f"{path}:r1"], tmp_path / "bad", replace(options, augment="all"), progress=False
+        )
 
 
 def test_precision_is_fp32_unless_bf16_is_asked_for_on_cuda() -> None:
