@@ -298,13 +298,18 @@ def case(
     return out
 
 
-def train(sources: list[str], out: Path, fraction: float, args, scale) -> dict[str, Any]:
+def train(
+    sources: list[str], out: Path, fraction: float, args, scale, epochs: int | None = None
+) -> dict[str, Any]:
+    nn = dict(scale["nn"])
+    if epochs is not None:
+        nn["epochs"] = epochs
     options = TrainOptions(
         fraction=fraction,
         seed=0,
         device=args.device,
         threads=args.threads,
-        **scale["nn"],
+        **nn,
     )
     started = time.perf_counter()
     artifact = train_ptychonn(sources, out, options, force=True, progress=not args.quiet)
@@ -316,6 +321,9 @@ def train(sources: list[str], out: Path, fraction: float, args, scale) -> dict[s
         "wall_s": time.perf_counter() - started,
         "epochs_run": record["training"]["epochs_run"],
         "best_epoch": record["training"]["best_epoch"],
+        "schedule": {k: record["options"][k] for k in ("batch_size", "epochs", "patience")},
+        "refit_epochs": record["training"].get("refit", {}).get("epochs"),
+        "symmetries": len(record["training"].get("symmetries", [])),
         "parameters": record["parameters"],
         "scores": record["scores"],
     }
@@ -347,6 +355,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--fraction-b", type=float, default=1.0, help="share of A's and B's positions in (b)"
+    )
+    parser.add_argument(
+        "--epochs-b", type=int, default=None, help="PtychoNN epochs of (b) (default: auto)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -420,6 +431,7 @@ def main() -> None:
             args.fraction_b,
             args,
             scale,
+            epochs=args.epochs_b,
         )
         results["b"] = case("b", stores["C"], model_b, ptyinr["C"], args, training)
         results["c"] = case("c", stores["D"], model_b, ptyinr["D"], args, {"same_model_as": "b"})

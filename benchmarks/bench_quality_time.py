@@ -520,6 +520,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default results/quality-time-<scale>.json")
     parser.add_argument("--append", action="store_true", help="keep the runs already in --out")
     parser.add_argument("--table", type=Path, help="print the table of this JSON and exit")
+    parser.add_argument(
+        "--dose-only",
+        action="store_true",
+        help="print where photons reached each case's object (dose shares) and exit: no training",
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
@@ -565,6 +570,8 @@ def main() -> None:
         dose, dose_summary = case_dose(made, sim)
         doc["cases"][case] = {"dose": dose_summary}
         print(dose_line(case, dose_summary), file=sys.stderr, flush=True)
+        if args.dose_only:
+            continue
         truth = (np.asarray(made["object"]), np.asarray(made["probe"]), dose)
         for method in args.methods.split(","):
             if (case, method) in done:
@@ -593,6 +600,8 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+    if args.dose_only:
+        return
     print(markdown(doc))
     print(f"\nwritten {out}", file=sys.stderr)
 

@@ -16,6 +16,10 @@ selected positions are split into training and validation by position blocks
 (`block_split`: a grid of blocks over the scan, whole blocks held out, so a validation window
 has no training window at nearly the same place). Frames are read lazily from the Zarr store
 (`scandata.StoreFrames`), a batch at a time (`PairDataset.batch`).
+
+Symmetry pairs (`probe_symmetries`, `augment_pairs`): where the probe is invariant under a
+symmetry g of the square about the window's centre, the frame and the object patch turned by
+g together are another pair the physics allows; training draws one per pair and step.
 """
 
 from __future__ import annotations

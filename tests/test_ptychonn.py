@@ -460,8 +460,8 @@ def test_auto_schedule_gives_small_training_sets_enough_steps() -> None:
     from ptyinr.ptychonn_train import resolve_schedule
 
     small = resolve_schedule(TrainOptions(), 71)  # a fifth of a 441-position scan, less validation
-    assert (small.batch_size, small.epochs, small.patience) == (8, 223, 31)
-    assert small.epochs * -(-71 // small.batch_size) >= 2000
+    assert (small.batch_size, small.epochs, small.patience) == (8, 556, 79)
+    assert small.epochs * -(-71 // small.batch_size) >= 5000
     large = resolve_schedule(TrainOptions(), 16000)  # the original's scale: its schedule
     assert (large.batch_size, large.epochs, large.patience) == (64, 60, 10)
     given = resolve_schedule(TrainOptions(batch_size=16, epochs=5, patience=0), 71)
@@ -488,6 +488,21 @@ def test_refit_trains_on_training_and_validation_for_the_chosen_epochs(source, t
     # a different network, scored on the positions neither fit saw
     assert refit.record["weights_sha256"] != plain.record["weights_sha256"]
     assert refit.record["scores"]["held_out"]["loss"] != plain.record["scores"]["held_out"]["loss"]
+
+
+def test_the_kept_network_is_the_moving_average_of_the_weights(source, tmp_path) -> None:
+    from ptyinr.ptychonn_train import build_training_set, fit_network
+
+    path, _ = source
+    options = TrainOptions(fraction=0.5, epochs=6, checkpoint_every=0, **TINY_NN)
+    training = build_training_set([f"{path}:r1"], options)
+    raw, _ = fit_network(training, replace(options, ema=0.0), progress=False)
+    averaged, _ = fit_network(training, replace(options, ema=0.9), progress=False)
+    # the same steps (same seed); what is kept differs: the average lags the raw weights
+    name, weight = next(iter(raw.named_parameters()))
+    assert not torch.allclose(weight, dict(averaged.named_parameters())[name])
+    with pytest.raises(InputError, match=r"--ema 1\.0: expected a decay in"):
+        fit_network(training, replace(options, ema=1.0), progress=False)
 
 
 def test_augmentation_uses_the_source_probes_symmetries(source, tmp_path) -> None:
