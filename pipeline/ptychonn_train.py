@@ -126,9 +126,7 @@ class TrainOptions:
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
     augment: str = "auto"  # auto = pairs under the probe's symmetries (probe_symmetries) | none
     refit: bool = False  # then train again on training + validation pairs for the chosen epochs
-    ema: float = (
-        0.995  # decay of the weights' exponential moving average that is evaluated; 0 = off
-    )
+    ema: float = 0.995  # decay of the evaluated moving average of the weights; 0 = off
     extra: dict[str, Any] = field(default_factory=dict)
 
 
