@@ -377,20 +377,20 @@ def probe_symmetries(
     physics could have measured. A focused beam of a round aperture has all eight; measured
     probes (aberrations, a square aperture, a reconstruction's errors) have fewer, and an
     operation is only used where every source run's probe passes."""
-    chosen = []
-    for symmetry in SYMMETRIES:
-        ok = True
-        for probe in probes:
-            p = torch.as_tensor(np.asarray(probe, dtype=np.complex64))
-            if p.ndim != 2 or p.shape[0] != p.shape[1]:
-                ok = symmetry == SYMMETRIES[0]
-                break
-            norm = float(torch.linalg.vector_norm(p))
-            moved = float(torch.linalg.vector_norm(apply_symmetry(p, symmetry) - p))
-            ok = ok and norm > 0 and moved <= tolerance * norm
-        if ok:
-            chosen.append(symmetry)
-    return chosen
+    return [g for g in SYMMETRIES if all(_invariant(p, g, tolerance) for p in probes)]
+
+
+def _invariant(probe: np.ndarray, symmetry: tuple[bool, bool, bool], tolerance: float) -> bool:
+    """Whether ||P o g - P|| <= tolerance * ||P|| (the identity always; other symmetries of
+    the square only for a square window)."""
+    if symmetry == SYMMETRIES[0]:
+        return True
+    p = torch.as_tensor(np.asarray(probe, dtype=np.complex64))
+    if p.ndim != 2 or p.shape[0] != p.shape[1]:
+        return False
+    norm = torch.linalg.vector_norm(p)
+    moved = torch.linalg.vector_norm(apply_symmetry(p, symmetry) - p)
+    return bool(norm > 0 and moved <= tolerance * norm)
 
 
 def augment_pairs(
