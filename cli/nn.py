@@ -47,7 +47,7 @@ def train(
         int | None,
         typer.Option(
             min=1,
-            help="most epochs (early stopping may end sooner); default: at least 60 and 2000 "
+            help="most epochs (early stopping may end sooner); default: at least 60 and 5000 "
             "optimiser steps",
         ),
     ] = None,
